@@ -1,0 +1,316 @@
+"""One parametrized suite for every compiled backend of ``vib_sample_kl`` against the reference.
+
+Each kernel backend (Triton under the interpreter, the C++ CPU kernel) is compared with
+``vittle_fast.ops.reference`` fed the contract's noise from the PyTorch Philox oracle, on the forward
+outputs and on every gradient, over dtypes, options and odd shapes.
+"""
+import itertools
+import math
+import os
+
+import pytest
+import torch
+from tolerances import TOL, tol
+
+from vittle_fast.ops import available_backends, vib_sample_kl
+from vittle_fast.ops.philox import normal_noise
+from vittle_fast.ops.reference import vib_sample_kl_reference
+from vittle_fast.ops.vib_sample_kl import _fused_backward, _fused_forward
+
+KERNEL_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CLAMP = (-2.3025, 2.3025)
+ALPHA = 0.7  # not 0.5, so swapping alpha and 1 - alpha cannot pass
+
+
+def test_required_backends_are_available():
+    """CI names the backends it built (VITTLE_REQUIRE_BACKENDS); a broken import must fail, not skip."""
+    required = [b for b in os.environ.get("VITTLE_REQUIRE_BACKENDS", "").split(",") if b]
+    missing = [b for b in required if b not in available_backends("cpu")]
+    assert not missing, f"backends {missing} required but unavailable; available: {available_backends('cpu')}"
+
+
+def make_inputs(lead_shape, d, dtype, learnable_prior, generator_seed=0):
+    """Random leaves; log-variances spread well outside the clamp so it is exercised both ways."""
+    g = torch.Generator().manual_seed(generator_seed)
+    h = torch.randn(*lead_shape, d, generator=g).to(dtype)
+    mu = torch.randn(*lead_shape, d, generator=g)
+    logvar = 3.0 * torch.randn(*lead_shape, d, generator=g)
+    stats = torch.cat([mu, logvar], dim=-1).to(dtype)
+    priors = (None, None)
+    if learnable_prior:
+        priors = (0.5 * torch.randn(d, generator=g), 3.0 * torch.randn(d, generator=g))
+    grad_z = torch.randn(*lead_shape, d, generator=g).to(dtype)
+    grad_kl = torch.randn(*lead_shape, generator=g)
+    return h, stats, priors, grad_z, grad_kl
+
+
+def run(fn, h, stats, priors, grad_z, grad_kl, **kwargs):
+    """Forward + backward through ``fn``; returns outputs and the gradients of every input."""
+    leaves = [h.clone().requires_grad_(), stats.clone().requires_grad_()]
+    leaves += [p.clone().requires_grad_() for p in priors if p is not None]
+    prior_mu, prior_logvar = (leaves[2], leaves[3]) if len(leaves) == 4 else (None, None)
+    z_hat, kl = fn(leaves[0], leaves[1], prior_mu=prior_mu, prior_logvar=prior_logvar, **kwargs)
+    grads = torch.autograd.grad((z_hat, kl), leaves, (grad_z, grad_kl), allow_unused=True)
+    return z_hat.detach(), kl.detach(), grads
+
+
+def reference_fn(seed, offset, alpha, **options):
+    """The oracle: reference math on fp32 copies, noise from the PyTorch Philox."""
+    def fn(h, stats, prior_mu, prior_logvar):
+        d = h.shape[-1]
+        noise = normal_noise(seed, offset, h.numel() // d, d).reshape(h.shape)
+        return vib_sample_kl_reference(h, stats, alpha, noise, prior_mu, prior_logvar, **options)
+    return fn
+
+
+def check_against_reference(backend, lead_shape, d, dtype, learnable_prior, kl_form="standard",
+                            logvar_clamp=CLAMP, sample=True, alpha=ALPHA, seed=1234, offset=77):
+    h, stats, priors, grad_z, grad_kl = make_inputs(lead_shape, d, dtype, learnable_prior)
+    options = dict(logvar_clamp=logvar_clamp, kl_form=kl_form, sample=sample)
+    z, kl, grads = run(
+        lambda *a, **k: vib_sample_kl(*a, alpha, seed=seed, offset=offset, backend=backend, **k, **options),
+        h, stats, priors, grad_z, grad_kl,
+    )
+    fp32 = lambda t: None if t is None else t.float()  # noqa: E731
+    z_ref, kl_ref, grads_ref = run(
+        reference_fn(seed, offset, alpha, **options),
+        fp32(h), fp32(stats), tuple(map(fp32, priors)), fp32(grad_z), grad_kl,
+    )
+    assert z.dtype == dtype and z.shape == h.shape
+    assert kl.dtype == torch.float32 and kl.shape == h.shape[:-1]
+    torch.testing.assert_close(z.float(), z_ref.to(dtype).float(), **tol(dtype), msg="z_hat")
+    torch.testing.assert_close(kl, kl_ref, **TOL["float32"], msg="kl")
+    names = ["h", "stats", "prior_mu", "prior_logvar"]
+    for name, grad, grad_ref in zip(names, grads, grads_ref):
+        assert grad.dtype == {"h": h, "stats": stats}.get(name, torch.empty(0)).dtype, f"grad {name} dtype"
+        expected_tol = tol(dtype) if name in ("h", "stats") else TOL["fp32_sum"]
+        torch.testing.assert_close(grad.float(), grad_ref.to(grad.dtype).float(), **expected_tol,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+OPTION_GRID = list(itertools.product(DTYPES, [False, True], ["standard", "released"], [CLAMP, None], [True, False]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype,learnable_prior,kl_form,logvar_clamp,sample", OPTION_GRID,
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_every_option_matches_reference(backend, dtype, learnable_prior, kl_form, logvar_clamp, sample):
+    check_against_reference(backend, (19,), 37, dtype, learnable_prior, kl_form, logvar_clamp, sample)
+
+
+SHAPES = [(lead, d) for lead in [(0,), (1,), (37,), (2, 9)] for d in (1, 7, 64, 257)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("lead_shape,d", SHAPES, ids=str)
+@pytest.mark.parametrize("learnable_prior", [False, True])
+def test_odd_shapes_match_reference(backend, lead_shape, d, learnable_prior):
+    check_against_reference(backend, lead_shape, d, torch.float32, learnable_prior)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_alpha_endpoints(backend, alpha):
+    check_against_reference(backend, (5,), 9, torch.float32, True, alpha=alpha)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_large_seed_and_offset_use_the_high_words(backend):
+    """Seeds >= 2**63 and offsets >= 2**32 exercise the high key and counter words."""
+    check_against_reference(backend, (3,), 10, torch.float32, False, seed=2**64 - 12345, offset=2**40 + 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise: reproducibility, independence of streams, distribution
+# ---------------------------------------------------------------------------------------------
+def recovered_noise(backend, n, d, seed, offset):
+    """With h = 0, mu = 0, lv = 0 and alpha = 1, z_hat is exactly the noise the kernel drew."""
+    h = torch.zeros(n, d)
+    stats = torch.zeros(n, 2 * d)
+    z, _ = vib_sample_kl(h, stats, 1.0, seed=seed, offset=offset, backend=backend)
+    return z
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_noise_reproducible_and_seed_offset_sensitive(backend):
+    base = recovered_noise(backend, 6, 10, seed=5, offset=0)
+    assert torch.equal(base, recovered_noise(backend, 6, 10, seed=5, offset=0))
+    assert not torch.allclose(base, recovered_noise(backend, 6, 10, seed=6, offset=0))
+    assert not torch.allclose(base, recovered_noise(backend, 6, 10, seed=5, offset=1))
+    # The contract: offset + 1 shifts the stream by one counter = four elements.
+    shifted = recovered_noise(backend, 6, 10, seed=5, offset=1)
+    torch.testing.assert_close(shifted.flatten()[:-4], base.flatten()[4:], **TOL["noise"])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_noise_equals_philox_oracle(backend):
+    torch.testing.assert_close(recovered_noise(backend, 7, 13, seed=99, offset=5), normal_noise(99, 5, 7, 13),
+                               **TOL["noise"])
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_noise_is_standard_normal_and_uncorrelated(backend):
+    n, d = 256, 512
+    eps = recovered_noise(backend, n, d, seed=2024, offset=0).double()
+    count = eps.numel()
+    five_sigma = 5.0 / math.sqrt(count)
+    assert abs(eps.mean().item()) < five_sigma
+    assert abs(eps.var().item() - 1.0) < 5.0 * math.sqrt(2.0 / count)
+    kurtosis = ((eps - eps.mean()) ** 4).mean().item() / eps.var().item() ** 2
+    assert abs(kurtosis - 3.0) < 5.0 * math.sqrt(24.0 / count)
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return ((a * b).mean() / (a.std() * b.std())).item()
+
+    assert abs(corr(eps[:, :-1], eps[:, 1:])) < 5.0 / math.sqrt(n * (d - 1)), "neighbouring elements"
+    assert abs(corr(eps[:, ::4][:, :-1], eps[:, ::4][:, 1:])) < 5.0 / math.sqrt(n * d / 4), "neighbouring counters"
+    assert abs(corr(eps[:-1], eps[1:])) < 5.0 / math.sqrt((n - 1) * d), "neighbouring tokens"
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, autograd plumbing, memory
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic(backend, dtype):
+    inputs = make_inputs((3, 33), 40, dtype, learnable_prior=True)
+    call = lambda *a, **k: vib_sample_kl(*a, ALPHA, seed=3, offset=11, backend=backend, **k)  # noqa: E731
+    first, second = run(call, *inputs), run(call, *inputs)
+    for a, b in zip([first[0], first[1], *first[2]], [second[0], second[1], *second[2]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_saved_for_backward_is_only_stats(backend):
+    h, stats, priors, _, _ = make_inputs((64,), 96, torch.bfloat16, learnable_prior=True)
+    h.requires_grad_(), stats.requires_grad_()
+    prior_mu, prior_logvar = (p.requires_grad_() for p in priors)
+    saved_bytes = []
+
+    def pack(t):
+        saved_bytes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vib_sample_kl(h, stats, ALPHA, seed=0, prior_mu=prior_mu, prior_logvar=prior_logvar, backend=backend)
+    stats_bytes = stats.numel() * stats.element_size()
+    assert stats_bytes <= sum(saved_bytes) <= stats_bytes + 4096, saved_bytes
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("learnable_prior", [False, True])
+def test_opcheck(backend, learnable_prior):
+    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((4,), 12, torch.float32, learnable_prior)
+    scalars = (ALPHA, 7, 3, -2.3025, 2.3025, 1.0, True, backend)
+    torch.library.opcheck(
+        _fused_forward,
+        (h.requires_grad_(), stats.requires_grad_(),
+         *(None if p is None else p.requires_grad_() for p in (prior_mu, prior_logvar)), *scalars),
+    )
+    torch.library.opcheck(_fused_backward, (grad_z, grad_kl, stats.detach(), prior_mu, prior_logvar, *scalars))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    def loss_fn(h, stats, prior_mu, prior_logvar):
+        z, kl = vib_sample_kl(h, stats, ALPHA, seed=42, offset=8, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                              backend=backend)
+        return (z * z).sum() + kl.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    h, stats, priors, _, _ = make_inputs((2, 5), 11, torch.float32, learnable_prior=True)
+    results = []
+    for fn in (loss_fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in (h, stats, *priors)]
+        loss = fn(*leaves)
+        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, **TOL["float32"])
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_empty_input_gives_empty_outputs_and_a_graph(backend):
+    h = torch.randn(0, 8, requires_grad=True)
+    stats = torch.randn(0, 16, requires_grad=True)
+    z, kl = vib_sample_kl(h, stats, ALPHA, seed=0, backend=backend)
+    assert z.shape == (0, 8) and kl.shape == (0,)
+    grad_h, grad_stats = torch.autograd.grad(z.sum() + kl.sum(), (h, stats))
+    assert grad_h.shape == (0, 8) and grad_stats.shape == (0, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference itself, against an independent formulation
+# ---------------------------------------------------------------------------------------------
+def test_reference_kl_equals_torch_distributions():
+    """Eq. 8 (standard form, learnable prior, no clamp) equals torch.distributions' Gaussian KL."""
+    mu, logvar = torch.randn(6, 5), torch.randn(6, 5)
+    prior_mu, prior_logvar = torch.randn(5), torch.randn(5)
+    _, kl = vib_sample_kl_reference(torch.zeros(6, 5), torch.cat([mu, logvar], -1), 0.5, None, prior_mu,
+                                    prior_logvar, logvar_clamp=None, sample=False)
+    posterior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    prior = torch.distributions.Normal(prior_mu, torch.exp(0.5 * prior_logvar))
+    torch.testing.assert_close(kl, torch.distributions.kl_divergence(posterior, prior).mean(-1), **TOL["float32"])
+
+
+def test_reference_released_form_matches_released_expression():
+    """The released code's fixed-prior KL: -0.5 * (1 + lv/2 - mu^2 - exp(lv)), averaged over D."""
+    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    _, kl = vib_sample_kl_reference(torch.zeros(4, 3), torch.cat([mu, logvar], -1), 0.5, None,
+                                    logvar_clamp=None, kl_form="released", sample=False)
+    expected = (-0.5 * (1 + logvar / 2 - mu**2 - logvar.exp())).mean(-1)
+    torch.testing.assert_close(kl, expected, **TOL["float32"])
+
+
+def test_reference_clamp_is_straight_through():
+    """Forward uses the clamped log-variance; its gradient ignores the clamp."""
+    logvar = torch.tensor([[-5.0, 0.0, 5.0]], requires_grad=True)
+    stats = torch.cat([torch.zeros(1, 3), logvar], -1)
+    z, _ = vib_sample_kl_reference(torch.zeros(1, 3), stats, 1.0, torch.ones(1, 3))
+    torch.testing.assert_close(z, torch.exp(0.5 * torch.tensor([[-2.3025, 0.0, 2.3025]])))
+    (grad,) = torch.autograd.grad(z.sum(), logvar)
+    torch.testing.assert_close(grad, 0.5 * z.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation at the public boundary
+# ---------------------------------------------------------------------------------------------
+BAD_CALLS = {
+    "stats width": (dict(stats=torch.randn(4, 7)), ValueError, "stats"),
+    "leading shapes": (dict(stats=torch.randn(5, 8)), ValueError, "stats"),
+    "integer h": (dict(h=torch.ones(4, 4, dtype=torch.int64)), TypeError, "h"),
+    "integer stats": (dict(stats=torch.ones(4, 8, dtype=torch.int32)), TypeError, "stats"),
+    "mixed dtypes": (dict(stats=torch.randn(4, 8, dtype=torch.float64)), TypeError, "stats"),
+    "h not a tensor": (dict(h=[[1.0]]), TypeError, "h"),
+    "alpha above 1": (dict(alpha=1.5), ValueError, "alpha"),
+    "alpha negative": (dict(alpha=-0.1), ValueError, "alpha"),
+    "alpha nan": (dict(alpha=float("nan")), ValueError, "alpha"),
+    "alpha tensor": (dict(alpha=torch.tensor(0.5)), TypeError, "alpha"),
+    "negative seed": (dict(seed=-1), ValueError, "seed"),
+    "seed too big": (dict(seed=2**64), ValueError, "seed"),
+    "float offset": (dict(offset=1.0), TypeError, "offset"),
+    "prior alone": (dict(prior_mu=torch.zeros(4)), ValueError, "prior_mu"),
+    "prior shape": (dict(prior_mu=torch.zeros(5), prior_logvar=torch.zeros(5)), ValueError, "prior_mu"),
+    "prior on meta": (dict(prior_mu=torch.zeros(4, device="meta"), prior_logvar=torch.zeros(4)), ValueError,
+                      "prior_mu"),
+    "stats on meta": (dict(stats=torch.randn(4, 8, device="meta")), ValueError, "stats"),
+    "clamp order": (dict(logvar_clamp=(2.0, -2.0)), ValueError, "logvar_clamp"),
+    "kl form": (dict(kl_form="paper"), ValueError, "kl_form"),
+    "sample int": (dict(sample=1), TypeError, "sample"),
+    "backend": (dict(backend="cuda"), ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS), ids=str)
+def test_bad_input_names_the_argument(case):
+    overrides, error, argument = BAD_CALLS[case]
+    kwargs = dict(h=torch.randn(4, 4), stats=torch.randn(4, 8), alpha=0.5, seed=0) | overrides
+    with pytest.raises(error, match=argument):
+        vib_sample_kl(kwargs.pop("h"), kwargs.pop("stats"), kwargs.pop("alpha"), **kwargs)
+
+
+def test_unavailable_backend_explains_why():
+    with pytest.raises(RuntimeError, match="Available"):
+        vib_sample_kl(torch.randn(2, 2, device="meta"), torch.randn(2, 4, device="meta"), 0.5, seed=0,
+                      backend="cpp")

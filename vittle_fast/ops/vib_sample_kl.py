@@ -1,0 +1,313 @@
+"""Public fused op: Vittle's reparameterised sampling + interpolation + per-token KL.
+
+Layers, Liger-Kernel style: backend launchers (``triton/``, ``cpp.py``) -> two
+``torch.library.custom_op``s (forward, backward) wired with ``register_autograd`` -> the functional
+API ``vib_sample_kl`` that validates arguments and picks a backend. The contract is DESIGN.md §2.
+
+Only ``stats``, the priors and a few scalars are saved for backward: the noise is regenerated from
+``(seed, offset)`` and ``h`` is not needed because ``dL/dh = (1 - alpha) * dL/dz_hat``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+from types import ModuleType
+
+import torch
+
+from .philox import normal_noise
+from .reference import KL_LOGVAR_COEF, vib_sample_kl_reference
+
+BACKENDS = ("reference", "triton", "cpp", "auto")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_UINT64_RANGE = 2**64
+_INT64_RANGE = 2**63
+
+
+# --------------------------------------------------------------------------------------------
+# Backend discovery
+# --------------------------------------------------------------------------------------------
+@functools.cache
+def _backend_module(name: str) -> tuple[ModuleType | None, str]:
+    """Import a compiled backend lazily; return (module or None, reason it is unavailable)."""
+    module_name = {"triton": "vittle_fast.ops.triton", "cpp": "vittle_fast.ops.cpp"}[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # triton not installed, extension not built, ...
+        return None, f"cannot import {module_name}: {exc}"
+    if not getattr(module, "is_available", lambda: False)():
+        return None, getattr(module, "load_error", lambda: f"{module_name} reports it is not usable here")()
+    return module, ""
+
+
+def _backend_works_on(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    module, _ = _backend_module(name)
+    if module is None:
+        return False
+    if name == "triton" and device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "cpp" and device.type == "cuda":
+        return bool(getattr(module, "has_cuda", lambda: False)())
+    return device.type in ("cpu", "cuda")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run the op on ``device`` here (``"reference"`` always can)."""
+    device = torch.device(device)
+    return [name for name in ("reference", "triton", "cpp") if _backend_works_on(name, device)]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into a concrete backend and check an explicit choice can run on ``device``.
+
+    ``auto``: on CUDA, Triton then the CUDA extension; on CPU, the C++ kernel (the Triton
+    interpreter is a correctness tool, far too slow for training), else the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
+        return next((name for name in order if _backend_works_on(name, device)), "reference")
+    if not _backend_works_on(backend, device):
+        _, reason = _backend_module(backend) if backend != "reference" else (None, "")
+        if backend == "triton" and device.type == "cpu" and not reason:
+            reason = "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
+        raise RuntimeError(
+            f"backend={backend!r} cannot run on {device.type} tensors here: {reason or 'no kernel for this device'}. "
+            f"Available: {available_backends(device)}"
+        )
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops (what torch.compile and autograd see)
+# --------------------------------------------------------------------------------------------
+def _launcher(backend: str) -> ModuleType:
+    module, reason = _backend_module(backend)
+    if module is None:
+        raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
+    return module
+
+
+@torch.library.custom_op("vittle_fast::vib_sample_kl", mutates_args=())
+def _fused_forward(
+    h: torch.Tensor,
+    stats: torch.Tensor,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    alpha: float,
+    seed: int,
+    offset: int,
+    clamp_lo: float,
+    clamp_hi: float,
+    kl_logvar_coef: float,
+    sample: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launcher(backend).forward(
+        h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample
+    )
+
+
+@_fused_forward.register_fake
+def _fused_forward_fake(h, stats, prior_mu, prior_logvar, alpha, seed, offset, clamp_lo, clamp_hi,
+                        kl_logvar_coef, sample, backend):
+    return torch.empty_like(h), h.new_empty(h.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("vittle_fast::vib_sample_kl_backward", mutates_args=())
+def _fused_backward(
+    grad_z_hat: torch.Tensor,
+    grad_kl: torch.Tensor,
+    stats: torch.Tensor,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    alpha: float,
+    seed: int,
+    offset: int,
+    clamp_lo: float,
+    clamp_hi: float,
+    kl_logvar_coef: float,
+    sample: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_h, grad_stats, grad_prior_mu, grad_prior_logvar); the prior gradients are
+    empty ``[0]`` tensors for the fixed prior (a custom op cannot return None)."""
+    grad_h, grad_stats, grad_mu_p, grad_lv_p = _launcher(backend).backward(
+        grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_logvar,
+        clamp_lo, clamp_hi, kl_logvar_coef, sample,
+    )
+    if prior_mu is None:
+        grad_mu_p = grad_lv_p = stats.new_empty((0,), dtype=torch.float32)
+    return grad_h, grad_stats, grad_mu_p, grad_lv_p
+
+
+@_fused_backward.register_fake
+def _fused_backward_fake(grad_z_hat, grad_kl, stats, prior_mu, prior_logvar, alpha, seed, offset,
+                         clamp_lo, clamp_hi, kl_logvar_coef, sample, backend):
+    prior_shape = (0,) if prior_mu is None else prior_mu.shape
+    return (
+        torch.empty_like(grad_z_hat),
+        torch.empty_like(stats),
+        stats.new_empty(prior_shape, dtype=torch.float32),
+        stats.new_empty(prior_shape, dtype=torch.float32),
+    )
+
+
+_SCALAR_ARGS = ("alpha", "seed", "offset", "clamp_lo", "clamp_hi", "kl_logvar_coef", "sample", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    h, stats, prior_mu, prior_logvar, *scalars = inputs
+    ctx.save_for_backward(stats, prior_mu, prior_logvar)
+    ctx.scalars = dict(zip(_SCALAR_ARGS, scalars))
+    ctx.h_dtype = h.dtype
+
+
+def _backward(ctx, grad_z_hat, grad_kl):
+    stats, prior_mu, prior_logvar = ctx.saved_tensors
+    n_tokens, d = stats.shape[0], stats.shape[1] // 2
+    if grad_z_hat is None:
+        grad_z_hat = stats.new_zeros((n_tokens, d), dtype=ctx.h_dtype)
+    if grad_kl is None:
+        grad_kl = stats.new_zeros((n_tokens,), dtype=torch.float32)
+    grad_h, grad_stats, grad_mu_p, grad_lv_p = _fused_backward(
+        grad_z_hat.contiguous(), grad_kl.float().contiguous(), stats, prior_mu, prior_logvar,
+        **ctx.scalars,
+    )
+    if prior_mu is None:
+        grad_mu_p = grad_lv_p = None
+    return (grad_h, grad_stats, grad_mu_p, grad_lv_p) + (None,) * len(_SCALAR_ARGS)
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------
+def _check_tensor(name: str, value, *, float_only: bool = True) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if float_only and value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {value.dtype}")
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+
+
+def _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clamp, kl_form, sample) -> None:
+    _check_tensor("h", h)
+    _check_tensor("stats", stats)
+    if h.dim() < 1 or h.shape[-1] < 1:
+        raise ValueError(f"h must have shape [..., D] with D >= 1, got {tuple(h.shape)}")
+    d = h.shape[-1]
+    expected = (*h.shape[:-1], 2 * d)
+    if tuple(stats.shape) != expected:
+        raise ValueError(
+            f"stats must have shape [..., 2*D] = {expected} to match h {tuple(h.shape)}, got {tuple(stats.shape)}"
+        )
+    if stats.dtype != h.dtype:
+        raise TypeError(f"stats must have h's dtype {h.dtype}, got {stats.dtype}")
+    if stats.device != h.device:
+        raise ValueError(f"stats must be on h's device {h.device}, got {stats.device}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (float, int)):
+        raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_int("seed", seed, 0, _UINT64_RANGE)
+    _check_int("offset", offset, 0, _INT64_RANGE)
+    if (prior_mu is None) != (prior_logvar is None):
+        raise ValueError("prior_mu and prior_logvar must be given together (learnable prior) or both be None")
+    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if prior is None:
+            continue
+        _check_tensor(name, prior)
+        if tuple(prior.shape) != (d,):
+            raise ValueError(f"{name} must have shape [D] = ({d},), got {tuple(prior.shape)}")
+        if prior.device != h.device:
+            raise ValueError(f"{name} must be on h's device {h.device}, got {prior.device}")
+    if logvar_clamp is not None:
+        if not (isinstance(logvar_clamp, (tuple, list)) and len(logvar_clamp) == 2):
+            raise TypeError(f"logvar_clamp must be None or a (low, high) pair, got {logvar_clamp!r}")
+        low, high = logvar_clamp
+        if not float(low) <= float(high):
+            raise ValueError(f"logvar_clamp must have low <= high, got {logvar_clamp!r}")
+    if kl_form not in KL_LOGVAR_COEF:
+        raise ValueError(f"kl_form must be one of {tuple(KL_LOGVAR_COEF)}, got {kl_form!r}")
+    if not isinstance(sample, bool):
+        raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+
+
+def vib_sample_kl(
+    h: torch.Tensor,
+    stats: torch.Tensor,
+    alpha: float,
+    *,
+    seed: int,
+    offset: int = 0,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025),
+    kl_form: str = "standard",
+    sample: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vittle's bottleneck step for every token: ``z_hat = (1-alpha) h + alpha (mu + e^(lv/2) eps)``
+    and the per-token closed-form KL to the prior, averaged over D.
+
+    Args:
+        h: ``[..., D]`` pre-bottleneck hidden states (float32 / bfloat16 / float16).
+        stats: ``[..., 2D]`` bottleneck MLP output, ``mu = stats[..., :D]``, ``lv = stats[..., D:]``.
+        alpha: interpolation weight in [0, 1].
+        seed: Philox key, 0 <= seed < 2**64.
+        offset: Philox counter base; calls whose offsets differ by >= ceil(N*D/4) never share noise.
+        prior_mu, prior_logvar: ``[D]`` learnable prior (both) or None for N(0, I).
+        logvar_clamp: straight-through clamp of the log-variances, None to disable.
+        kl_form: ``"standard"`` (Eq. 8) or ``"released"`` (the released code's ``1 + lv/2``).
+        sample: False gives the posterior mean (inference): ``z~ = mu``.
+        backend: ``"reference" | "triton" | "cpp" | "auto"``.
+
+    Returns:
+        ``z_hat`` ``[..., D]`` in ``h.dtype`` and ``kl`` ``[...]`` float32.
+    """
+    _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clamp, kl_form, sample)
+    backend = resolve_backend(backend, h.device)
+    lead_shape, d = h.shape[:-1], h.shape[-1]
+    alpha = float(alpha)
+    if prior_mu is not None:  # the kernels read fp32 priors; autograd casts the gradient back
+        prior_mu, prior_logvar = prior_mu.float().contiguous(), prior_logvar.float().contiguous()
+
+    if backend == "reference":
+        noise = None
+        if sample:
+            noise = normal_noise(seed, offset, h.numel() // d, d, device=h.device).reshape(h.shape)
+        return vib_sample_kl_reference(
+            h, stats, alpha, noise, prior_mu, prior_logvar, logvar_clamp, kl_form, sample
+        )
+
+    clamp_lo, clamp_hi = (-math.inf, math.inf) if logvar_clamp is None else map(float, logvar_clamp)
+    seed_int64 = seed - _UINT64_RANGE if seed >= _INT64_RANGE else seed  # same 64 bits, int64 view
+    z_hat, kl = _fused_forward(
+        h.reshape(-1, d).contiguous(),
+        stats.reshape(-1, 2 * d).contiguous(),
+        prior_mu,
+        prior_logvar,
+        alpha,
+        seed_int64,
+        offset,
+        clamp_lo,
+        clamp_hi,
+        KL_LOGVAR_COEF[kl_form],
+        sample,
+        backend,
+    )
+    return z_hat.reshape(h.shape), kl.reshape(lead_shape)
