@@ -1,0 +1,191 @@
+"""Metrics that cost nothing between logging steps.
+
+The train step adds its numbers into one device tensor (`StepAccumulator`); only at a logging step
+is it all-reduced and read, once. Sinks: JSONL (always), TensorBoard (if installed), a tqdm bar on
+rank 0, GPU telemetry through nvidia-ml-py (if a GPU and the library exist), a PNG plot at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, SXM parts, no sparsity).
+# MFU is reported only for these; on CPU (and unknown GPUs) it is null.
+PEAK_FLOPS_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+# Accumulated per optimizer step; summed over ranks at log time. Per-rank means (kl, grad norm)
+# are divided by the world size after the reduction.
+_FIELDS = ("loss", "ce", "kl_v", "kl_t", "grad_norm", "tokens", "skipped_steps", "steps")
+_RANK_MEANS = ("kl_v", "kl_t", "grad_norm")
+
+
+class StepAccumulator:
+    """Sums of per-step metrics on the training device, reset at every log."""
+
+    def __init__(self, device: torch.device):
+        self.values = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
+        self._index = {name: i for i, name in enumerate(_FIELDS)}
+
+    def add(self, **values: torch.Tensor | float) -> None:
+        for name, value in values.items():
+            self.values[self._index[name]] += value
+
+    def reduce_and_reset(self, world_size: int) -> dict[str, float]:
+        """Collective: one all-reduce and one host read for the whole logging window."""
+        totals = self.values.clone()
+        dist.all_reduce(totals)
+        self.values.zero_()
+        out = dict(zip(_FIELDS, totals.tolist()))
+        steps = max(out["steps"], 1.0)
+        for name in ("loss", "ce", "kl_v", "kl_t", "grad_norm"):
+            out[name] /= steps
+        for name in _RANK_MEANS:
+            out[name] /= world_size
+        return out
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key in name), None)
+
+
+def training_flops_per_token(num_params_llm: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """6N for the decoder's matmuls (forward + backward) plus 12·L·d·S for attention scores and
+    values (the PaLM appendix-B estimate torchtitan uses). The frozen vision tower is excluded."""
+    return 6.0 * num_params_llm + 12.0 * num_layers * hidden * seq_len
+
+
+class GpuTelemetry:
+    """Utilisation, memory and power of this rank's GPU via nvidia-ml-py; silent no-op without it."""
+
+    def __init__(self, device: torch.device):
+        self._handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self._nvml = pynvml
+        except Exception:  # ImportError, NVMLError_LibraryNotFound, driver mismatch: no telemetry
+            self._handle = None
+
+    def read(self) -> dict[str, float]:
+        if self._handle is None:
+            return {}
+        nvml = self._nvml
+        util = nvml.nvmlDeviceGetUtilizationRates(self._handle)
+        mem = nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        return {
+            "gpu_util_pct": float(util.gpu),
+            "gpu_mem_used_gb": mem.used / 1e9,
+            "gpu_power_w": nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0,
+        }
+
+
+class MetricsLogger:
+    """Writes one record per logging step; only rank 0 writes, every rank takes part in reducing."""
+
+    def __init__(self, output_dir: Path, is_main: bool, total_steps: int, start_step: int,
+                 progress_bar: bool, tensorboard: bool):
+        self.is_main = is_main
+        self.path = output_dir / "metrics.jsonl"
+        self._bar = None
+        self._tb = None
+        if not is_main:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(loss=f"{record['loss']:.3f}", kl_v=f"{record['kl_v']:.3f}",
+                                  kl_t=f"{record['kl_t']:.3f}", refresh=False)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Throughput:
+    """Wall-clock window between logging steps (read only at log steps, after the reduction)."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._start = now - self._start, now
+        return max(elapsed, 1e-9)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl, the last one per step (a resumed run re-logs its steps)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def plot_metrics(path: Path, out_png: Path) -> Path:
+    """Loss / CE and the two KL terms against the step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(path)
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_kl) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(steps, [r["loss"] for r in records], label="loss")
+    ax_loss.plot(steps, [r["ce"] for r in records], label="CE")
+    ax_loss.set_xlabel("step")
+    ax_loss.legend()
+    ax_kl.plot(steps, [r["kl_v"] for r in records], label="KL visual")
+    ax_kl.plot(steps, [r["kl_t"] for r in records], label="KL text")
+    ax_kl.plot(steps, [r["alpha"] for r in records], label="alpha", linestyle="--")
+    ax_kl.set_xlabel("step")
+    ax_kl.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

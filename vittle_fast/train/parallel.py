@@ -1,0 +1,93 @@
+"""Distributed setup, one helper per technique: process group, device mesh, activation
+checkpointing, FSDP2 wrapping. Called in that order by the trainer (AC before FSDP)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU).
+
+    Without torchrun a single process still gets a real (world size 1) group, so FSDP2, DCP and
+    the collectives take the same code path on a laptop as on a cluster.
+    """
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def build_mesh(info: DistInfo, replicate: int) -> DeviceMesh:
+    """1-D ("shard",) mesh for FSDP, or 2-D ("replicate", "shard") for HSDP when replicate > 1.
+
+    HSDP: parameters are sharded within a group of world_size / replicate ranks (a node) and
+    replicated across groups, so only gradient all-reduces cross the slower inter-node links.
+    """
+    if info.world_size % replicate:
+        raise ValueError(f"parallel.replicate={replicate} must divide the world size {info.world_size}")
+    if replicate == 1:
+        return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(
+        info.device.type, (replicate, info.world_size // replicate), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every_k: int = 1) -> None:
+    """Recompute decoder blocks in backward (non-reentrant): all blocks ("full") or every k-th."""
+    if mode == "off":
+        return
+    if mode not in ("full", "every_k"):
+        raise ValueError(f"activation checkpointing mode must be off|full|every_k, got {mode!r}")
+    if every_k < 1:
+        raise ValueError(f"every_k must be >= 1, got {every_k}")
+    step = 1 if mode == "full" else every_k
+    layers = model.language_model.layers
+    for index in range(0, len(layers), step):
+        layers[index] = checkpoint_wrapper(layers[index], preserve_rng_state=False)
+
+
+def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
+    """FSDP2 units: each decoder block, the projector, the bottleneck, the frozen vision tower
+    (stored in `param_dtype`, never reduced), then the root (embeddings, final norm, LM head).
+
+    Trainable and frozen parameters never share a unit, which FSDP2 requires.
+    """
+    mp_policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    model.vision_tower.to(_DTYPES[param_dtype])  # frozen: keep it in the compute dtype, halve its memory
+    fully_shard(model.vision_tower, mesh=mesh, mp_policy=mp_policy)
+    for block in model.language_model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model.projector, mesh=mesh, mp_policy=mp_policy)
+    if model.bottleneck is not None:
+        fully_shard(model.bottleneck, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
