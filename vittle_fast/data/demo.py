@@ -1,0 +1,251 @@
+"""Synthetic visual-QA demo data and a locally trained tokenizer, so the demo needs no download.
+
+Images show one to three shapes (distinct shapes, distinct colours, distinct quadrants) and the
+questions ask for a colour, a shape, a count, a position, or -- in the style of POPE -- whether a
+given coloured shape is present. Every answer is a deterministic function of the image (or, for
+the text-only arithmetic records, of the question) from a small answer set, so a tiny model can
+learn it in minutes on a CPU.
+
+    python -m vittle_fast.data.demo --out DIR [--n_train N --n_val M --seed S --image_size P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from .conversation import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, render_vicuna_v1
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+NUMBER_WORDS = ("zero", "one", "two", "three")
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER)
+BACKGROUND = (245, 245, 245)
+TEXT_ONLY_FRACTION = 0.1
+TWO_TURN_FRACTION = 0.3
+INFO_FILE = "demo_info.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoObject:
+    shape: str
+    colour: str
+    quadrant: str
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where ``make_demo_dataset`` put things (images are relative to ``image_folder``)."""
+
+    root: Path
+    train_json: Path
+    val_json: Path
+    image_folder: Path
+    tokenizer_dir: Path
+
+
+def random_scene(rng: random.Random) -> list[DemoObject]:
+    n = rng.randint(1, 3)
+    return [DemoObject(shape, colour, quadrant) for shape, colour, quadrant in
+            zip(rng.sample(SHAPES, n), rng.sample(sorted(COLOURS), n), rng.sample(sorted(QUADRANTS), n))]
+
+
+def render_scene(scene: list[DemoObject], image_size: int, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    half, radius = image_size / 2, image_size / 6
+    for obj in scene:
+        column, row = QUADRANTS[obj.quadrant]
+        jitter = image_size / 16
+        cx = half * column + half / 2 + rng.uniform(-jitter, jitter)
+        cy = half * row + half / 2 + rng.uniform(-jitter, jitter)
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        colour = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
+                         fill=colour)
+    return image
+
+
+def _ask_colour(scene, rng):
+    obj = rng.choice(scene)
+    return f"What colour is the {obj.shape}?", obj.colour
+
+
+def _ask_shape(scene, rng):
+    obj = rng.choice(scene)
+    return f"What shape is the {obj.colour} object?", obj.shape
+
+
+def _ask_count(scene, rng):
+    return "How many shapes are there?", NUMBER_WORDS[len(scene)]
+
+
+def _ask_position(scene, rng):
+    obj = rng.choice(scene)
+    return f"Where is the {obj.colour} {obj.shape}?", obj.quadrant
+
+
+def _ask_presence(scene, rng):
+    """POPE-style yes/no question, half of them about an absent colour-shape pair."""
+    present = {(obj.colour, obj.shape) for obj in scene}
+    if rng.random() < 0.5:
+        colour, shape = rng.choice(sorted(present))
+    else:
+        colour, shape = rng.choice([(c, s) for c in sorted(COLOURS) for s in SHAPES
+                                    if (c, s) not in present])
+    answer = "Yes" if (colour, shape) in present else "No"
+    return f"Is there a {colour} {shape} in the image?", answer
+
+
+QUESTION_KINDS = (_ask_colour, _ask_shape, _ask_count, _ask_position, _ask_presence)
+
+
+def _text_only_conversation(rng: random.Random) -> list[dict]:
+    a, b = rng.randint(0, 4), rng.randint(0, 4)
+    return [{"from": "human", "value": f"What is {a} plus {b}?"}, {"from": "gpt", "value": str(a + b)}]
+
+
+def _image_conversation(scene, rng: random.Random) -> list[dict]:
+    n_turns = 2 if rng.random() < TWO_TURN_FRACTION else 1
+    conversation = []
+    for turn, ask in enumerate(rng.sample(QUESTION_KINDS, n_turns)):
+        question, answer = ask(scene, rng)
+        prefix = f"{IMAGE_PLACEHOLDER}\n" if turn == 0 else ""
+        conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    return conversation
+
+
+def generate_records(split: str, n: int, image_size: int, image_dir: Path,
+                     rng: random.Random) -> list[dict]:
+    """Render ``n`` records (writing their PNGs into ``image_dir``) and return their LLaVA JSON."""
+    records = []
+    for i in range(n):
+        record_id = f"{split}-{i:05d}"
+        if rng.random() < TEXT_ONLY_FRACTION:
+            records.append({"id": record_id, "conversations": _text_only_conversation(rng)})
+            continue
+        scene = random_scene(rng)
+        render_scene(scene, image_size, rng).save(image_dir / f"{record_id}.png")
+        records.append({"id": record_id, "image": f"{record_id}.png",
+                        "conversations": _image_conversation(scene, rng)})
+    return records
+
+
+def train_tokenizer(records: list[dict], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the records as the Vicuna-v1 template renders them."""
+    def corpus():
+        for record in records:
+            turns = [(h["value"], g["value"]) for h, g in
+                     zip(record["conversations"][0::2], record["conversations"][1::2])]
+            text, _ = render_vicuna_v1(turns, VICUNA_V1_SYSTEM, eos_token="")
+            yield text.replace(IMAGE_PLACEHOLDER, "")
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>",
+                                   extra_special_tokens=[IMAGE_PLACEHOLDER])
+
+
+def _paths(root: Path) -> DemoPaths:
+    return DemoPaths(root=root, train_json=root / "train.json", val_json=root / "val.json",
+                     image_folder=root / "images", tokenizer_dir=root / "tokenizer")
+
+
+def _existing_params(root: Path) -> dict | None:
+    try:
+        return json.loads((root / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _build(root: Path, params: dict) -> None:
+    paths = _paths(root)
+    paths.image_folder.mkdir(parents=True)
+    rng = random.Random(params["seed"])
+    train = generate_records("train", params["n_train"], params["image_size"], paths.image_folder, rng)
+    val = generate_records("val", params["n_val"], params["image_size"], paths.image_folder, rng)
+    paths.train_json.write_text(json.dumps(train, indent=1))
+    paths.val_json.write_text(json.dumps(val, indent=1))
+    train_tokenizer(train + val, params["vocab_size"]).save_pretrained(paths.tokenizer_dir)
+    (root / INFO_FILE).write_text(json.dumps(params, indent=1))  # last: marks the set complete
+
+
+def make_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 1000, n_val: int = 200,
+                      seed: int = 0, image_size: int = 64, vocab_size: int = 1024,
+                      overwrite: bool = False) -> DemoPaths:
+    """Write the demo set into ``out_dir`` (images/, train.json, val.json, tokenizer/).
+
+    Reuses a complete set made with the same parameters. Builds in a sibling temporary directory
+    and renames it into place, so concurrent callers (several ranks) and interrupted runs never
+    leave a half-written set behind.
+    """
+    for name, value, low in (("n_train", n_train, 1), ("n_val", n_val, 0), ("seed", seed, 0),
+                             ("image_size", image_size, 8), ("vocab_size", vocab_size, 300)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    params = {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
+              "image_size": image_size, "vocab_size": vocab_size}
+    root = Path(out_dir)
+    if _existing_params(root) == params and not overwrite:
+        return _paths(root)
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise ValueError(f"out_dir {root} is not empty and holds no demo set made with {params}; "
+                         "pass overwrite=True to replace it")
+    staging = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        _build(staging, params)
+        if overwrite and root.exists():
+            shutil.rmtree(root)
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if _existing_params(root) != params:  # not a concurrent caller that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _paths(root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--n_train", type=int, default=1000)
+    parser.add_argument("--n_val", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image_size", type=int, default=64, help="rendered image side (pixels)")
+    parser.add_argument("--vocab_size", type=int, default=1024)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    args = parser.parse_args(argv)
+    paths = make_demo_dataset(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+                              image_size=args.image_size, vocab_size=args.vocab_size,
+                              overwrite=args.overwrite)
+    for name, path in asdict(paths).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
