@@ -80,7 +80,7 @@ class DataSection:
     max_length: int = 128
     micro_batch_size: int = 4  # per rank
     grad_accum_steps: int = 1
-    group_by_length: bool = True
+    mega_batch_mult: int = 8  # length grouping: sort within groups of this many global batches
     packing: bool = False
     strict: bool = False
     num_workers: int = 0
@@ -143,6 +143,7 @@ class TrainConfig:
             "data.micro_batch_size": self.data.micro_batch_size,
             "data.grad_accum_steps": self.data.grad_accum_steps,
             "data.max_length": self.data.max_length,
+            "data.mega_batch_mult": self.data.mega_batch_mult,
             "logging.log_every": self.logging.log_every,
             "checkpoint.keep_last": self.checkpoint.keep_last,
             "parallel.replicate": self.parallel.replicate,

@@ -22,7 +22,7 @@ PEAK_FLOPS_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 # Accumulated per optimizer step; summed over ranks at log time. Per-rank means (kl, grad norm)
 # are divided by the world size after the reduction.
-_FIELDS = ("loss", "ce", "kl_v", "kl_t", "grad_norm", "tokens", "skipped_steps", "steps")
+_FIELDS = ("loss", "ce", "kl_v", "kl_t", "grad_norm", "tokens", "skipped_records", "skipped_steps", "steps")
 _RANK_MEANS = ("kl_v", "kl_t", "grad_norm")
 
 

@@ -19,11 +19,10 @@ def splitmix64(x: int) -> int:
 
 
 def noise_seed(run_seed: int, step: int, micro_batch: int) -> int:
-    """Philox key for (run seed, step, micro-batch), as the int64 two's-complement view."""
+    """64-bit Philox key in [0, 2**64) for (run seed, step, micro-batch)."""
     x = splitmix64(run_seed & _MASK64)
     x = splitmix64(x ^ (step & _MASK64))
-    x = splitmix64(x ^ (micro_batch & _MASK64))
-    return x - (1 << 64) if x >= 1 << 63 else x
+    return splitmix64(x ^ (micro_batch & _MASK64))
 
 
 def noise_offset(rank: int) -> int:

@@ -1,0 +1,177 @@
+"""Turn the config into the two things the loop needs: a model and a stream of batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from vittle_fast import models
+from vittle_fast.models.llava import LlavaVittle
+from vittle_fast.data.collate import LlavaCollator
+from vittle_fast.data.dataset import LlavaDataset
+from vittle_fast.data.sampler import LengthGroupedSampler
+from vittle_fast.nn import VittleConfig
+
+from .config import TrainConfig
+
+
+def vittle_config(cfg: TrainConfig, num_layers: int):
+    """`vittle_fast.nn.VittleConfig` from the config section, or None for the baseline."""
+    v = cfg.vittle
+    if not v.enabled:
+        return None
+    default_layer = (num_layers * 3) // 4  # layer 24 of 32: the top 25% of the decoder
+    return VittleConfig(
+        layer_v=default_layer if v.layer_v < 0 else v.layer_v,
+        layer_t=default_layer if v.layer_t < 0 else v.layer_t,
+        beta_v=v.beta_v,
+        beta_t=v.beta_t,
+        prior=v.prior,
+        kl_form=v.kl_form,
+        kl_text_tokens=v.kl_text_tokens,
+        logvar_clamp=v.logvar_clamp,
+        backend=v.backend,
+    )
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> torch.nn.Module:
+    """LlavaVittle with the stage's trainable set: stage 1 the projector only; stage 2 everything
+    except the vision tower. Built on the CPU with the run seed (identical on every rank)."""
+    m = cfg.model
+    if m.source == "tiny":
+        text_config = transformers.LlamaConfig(
+            vocab_size=m.vocab_size or vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            num_key_value_heads=m.num_kv_heads,
+            max_position_embeddings=m.max_position_embeddings,
+            tie_word_embeddings=False,
+        )
+        vision_config = transformers.CLIPVisionConfig(
+            hidden_size=m.vision_hidden_size,
+            intermediate_size=m.vision_intermediate_size,
+            num_hidden_layers=m.vision_layers,
+            num_attention_heads=m.vision_heads,
+            image_size=m.image_size,
+            patch_size=m.patch_size,
+        )
+        model = LlavaVittle(
+            text_config, vision_config, image_token_id,
+            vittle=vittle_config(cfg, m.num_layers), vision_feature_layer=m.vision_feature_layer,
+        )
+    elif m.source == "hf_llava":
+        num_layers = transformers.AutoConfig.from_pretrained(m.path).text_config.num_hidden_layers
+        model = models.llava_from_hf(m.path, vittle=vittle_config(cfg, num_layers))
+    else:
+        num_layers = transformers.AutoConfig.from_pretrained(m.llm_path).num_hidden_layers
+        model = models.LlavaVittle.from_parts(
+            models.llama_from_hf(m.llm_path), models.clip_from_hf(m.vision_path), image_token_id,
+            vittle=vittle_config(cfg, num_layers), vision_feature_layer=m.vision_feature_layer,
+        )
+    set_trainable(model, m.stage)
+    return model
+
+
+def set_trainable(model: torch.nn.Module, stage: int) -> None:
+    model.requires_grad_(stage == 2)
+    model.vision_tower.requires_grad_(False)
+    model.projector.requires_grad_(True)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def vision_geometry(cfg: TrainConfig) -> tuple[int, int]:
+    """(image_size, patch_size) of the vision tower the config will build, without building it."""
+    m = cfg.model
+    if m.source == "tiny":
+        return m.image_size, m.patch_size
+    if m.source == "hf_llava":
+        vision = transformers.AutoConfig.from_pretrained(m.path).vision_config
+    else:
+        vision = transformers.AutoConfig.from_pretrained(m.vision_path)
+        vision = getattr(vision, "vision_config", vision)  # a full CLIPConfig directory also works
+    return vision.image_size, vision.patch_size
+
+
+def load_tokenizer(cfg: TrainConfig):
+    tokenizer_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.source == "hf_llava" else cfg.model.llm_path)
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@dataclass
+class BatchStream:
+    """This rank's micro-batches, epoch after epoch, resumable at the exact micro-batch.
+
+    The sampler knows the position; the stream tells it after each consumed micro-batch (the
+    DataLoader prefetches, so the sampler cannot infer consumption itself).
+    """
+
+    loader: torch.utils.data.DataLoader
+    sampler: LengthGroupedSampler
+    vocab_size: int
+    image_token_id: int
+
+    def __post_init__(self):
+        self._iterator = None
+
+    def next_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
+        while True:
+            if self._iterator is None:
+                self._iterator = iter(self.loader)
+            batch = next(self._iterator, None)
+            if batch is not None:
+                break
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._iterator = None
+        self.sampler.advance()
+        non_blocking = device.type == "cuda"
+        return {name: tensor.to(device, non_blocking=non_blocking) for name, tensor in batch.items()}
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+        self._iterator = None
+
+
+def prepare_demo_data(cfg: TrainConfig, is_main: bool) -> None:
+    """Generate the synthetic demo set (rank 0) when `data.demo` is on and it is missing."""
+    if cfg.data.demo and is_main and not Path(cfg.data.data_path).is_file():
+        from vittle_fast.data import make_demo_dataset
+
+        make_demo_dataset(Path(cfg.data.data_path).parent, num_samples=cfg.data.demo_num_samples,
+                          image_size=vision_geometry(cfg)[0], seed=cfg.seed)
+    dist.barrier()
+
+
+def build_data(cfg: TrainConfig, rank: int, world_size: int, is_main: bool) -> BatchStream:
+    """Dataset -> length-grouped modality-aware sampler -> collator -> DataLoader for this rank."""
+    prepare_demo_data(cfg, is_main)
+    tokenizer = load_tokenizer(cfg)
+    image_size, patch_size = vision_geometry(cfg)
+    d = cfg.data
+    dataset = LlavaDataset(d.data_path, tokenizer, image_folder=d.image_folder or None, template=d.template,
+                           image_size=image_size, patch_size=patch_size, max_length=d.max_length,
+                           strict=d.strict)
+    sampler = LengthGroupedSampler(dataset.lengths, dataset.is_multimodal, batch_size=d.micro_batch_size,
+                                   num_replicas=world_size, rank=rank, seed=cfg.seed,
+                                   mega_batch_mult=d.mega_batch_mult)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=d.micro_batch_size, sampler=sampler,
+        collate_fn=LlavaCollator.from_dataset(dataset, pack=d.packing),
+        num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+    )
+    return BatchStream(loader, sampler, vocab_size=len(tokenizer), image_token_id=dataset.image_token_id)

@@ -1,0 +1,227 @@
+"""The training loop, top to bottom: distributed setup -> data -> model -> FSDP -> optimizer ->
+resume -> steps (accumulate, clip, guarded update, log, checkpoint) -> export and plot.
+
+Run it as `torchrun --nproc_per_node N -m vittle_fast.train --config configs/demo.yaml`.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from .build import build_data, build_model, count_params, trainable_parameters
+from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, parse_args, save_yaml, to_dict
+from .metrics import (
+    GpuTelemetry,
+    MetricsLogger,
+    StepAccumulator,
+    Throughput,
+    gpu_peak_flops,
+    plot_metrics,
+    training_flops_per_token,
+)
+from .noise import noise_offset, noise_seed
+from .parallel import DistInfo, apply_activation_checkpointing, apply_fsdp, build_mesh, init_distributed
+from .schedules import vittle_alpha, warmup_cosine_lr_factor
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training job; returns where its outputs went. Collective over all ranks."""
+    cfg.validate()
+    info = init_distributed()
+    try:
+        return _train(cfg, info)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP shards them)
+
+    data = build_data(cfg, info.rank, info.world_size, info.is_main)
+    model = build_model(cfg, vocab_size=data.vocab_size, image_token_id=data.image_token_id)
+    model.validate_inputs = False  # the collator expands <image> itself; the check costs a host sync
+    llm_params = count_params(model.language_model)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every_k)
+    apply_fsdp(model, build_mesh(info, cfg.parallel.replicate), cfg.parallel.param_dtype, cfg.parallel.reduce_dtype)
+    model.train()
+
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(
+            warmup_cosine_lr_factor,
+            warmup_steps=cfg.optim.warmup_steps,
+            total_steps=cfg.max_steps,
+            min_ratio=cfg.optim.min_lr_ratio,
+        ),
+    )
+
+    start_step = 0
+    resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        data.load_state_dict(state["data"])
+        start_step = state["step"]
+
+    logger = MetricsLogger(out_dir, info.is_main, cfg.max_steps, start_step,
+                           cfg.logging.progress_bar, cfg.logging.tensorboard)
+    acc = StepAccumulator(info.device)
+    telemetry = GpuTelemetry(info.device)
+    clock = Throughput()
+    peak = gpu_peak_flops(info.device)
+    flops_per_token = training_flops_per_token(
+        llm_params, len(model.language_model.layers), cfg.model.hidden_size, cfg.data.max_length
+    )
+
+    for step in range(start_step, cfg.max_steps):
+        alpha = current_alpha(cfg, step)
+        micro_batches = [data.next_batch(info.device) for _ in range(cfg.data.grad_accum_steps)]
+        train_step(model, optimizer, params, micro_batches, step, alpha, cfg, info, acc)
+        scheduler.step()
+        done = step + 1
+
+        if done % cfg.logging.log_every == 0 or done == cfg.max_steps:
+            totals = acc.reduce_and_reset(info.world_size)
+            elapsed = clock.lap()
+            tokens_per_s = totals["tokens"] / elapsed
+            record = {
+                "step": done,
+                "loss": totals["loss"],
+                "ce": totals["ce"],
+                "kl_v": totals["kl_v"],
+                "kl_t": totals["kl_t"],
+                "alpha": alpha,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": totals["grad_norm"],
+                "tokens_per_s": tokens_per_s,
+                "mfu": None if peak is None else flops_per_token * tokens_per_s / (peak * info.world_size),
+                "skipped_steps": totals["skipped_steps"],
+                "skipped_records": totals["skipped_records"],
+                **peak_memory(info.device),
+                **telemetry.read(),
+            }
+            logger.log(record)
+
+        interval = cfg.checkpoint.interval
+        if (interval and done % interval == 0) or done == cfg.max_steps:
+            save_checkpoint(ckpt_root, done, model, optimizer,
+                            {"scheduler": scheduler.state_dict(), "data": data.state_dict()},
+                            cfg.checkpoint.keep_last)
+    logger.close()
+
+    outputs = {"output_dir": str(out_dir), "metrics": str(logger.path),
+               "checkpoint": str(latest_checkpoint(ckpt_root)), "resumed_from": str(resume_from or "")}
+    if cfg.checkpoint.export_safetensors:
+        export_safetensors(model, out_dir / "export", to_dict(cfg))
+        outputs["export"] = str(out_dir / "export")
+    if info.is_main and cfg.logging.plot and logger.path.is_file():
+        outputs["plot"] = str(plot_metrics(logger.path, out_dir / "metrics.png"))
+    if info.is_main:
+        for name, where in outputs.items():
+            print(f"[vittle_fast.train] {name}: {where}", flush=True)
+    return outputs
+
+
+def current_alpha(cfg: TrainConfig, step: int) -> float:
+    if not cfg.vittle.enabled:
+        return 0.0
+    v = cfg.vittle
+    return vittle_alpha(step, cfg.max_steps, kind=v.alpha_schedule, end=v.alpha_end, k=v.alpha_k, t0=v.alpha_t0)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused kernel (CUDA and CPU): it alone takes `found_inf`, which lets a non-finite step
+    be skipped on the device without a host sync. Matrices get weight decay; vectors (norms,
+    biases, learnable priors) do not."""
+    o = cfg.optim
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Target tokens of a causal-LM micro-batch, counted as the model's CE does: labels shifted by
+    one, -100 ignored, and no target at a packed sequence start (position id 0)."""
+    targets = batch["labels"][:, 1:]
+    return ((targets != -100) & (batch["position_ids"][:, 1:] != 0)).sum()
+
+
+def train_step(model, optimizer, params, micro_batches, step, alpha, cfg: TrainConfig, info: DistInfo,
+               acc: StepAccumulator) -> None:
+    """One optimizer step over `micro_batches` (this rank's share of the global batch).
+
+    Loss normalisation: CE is a sum over target tokens divided by the global target count of the
+    step (all-reduced before any backward), times the world size because FSDP averages gradients
+    over ranks -- so accumulation and data parallelism give the gradient of the global mean. The
+    KL terms are per-micro-batch means, averaged over micro-batches (here) and ranks (by FSDP).
+    """
+    num_micro = len(micro_batches)
+    global_targets = sum(count_targets(mb) for mb in micro_batches).to(torch.float64)
+    dist.all_reduce(global_targets)
+    ce_scale = info.world_size / global_targets.clamp(min=1.0)
+
+    ce_part = torch.zeros((), dtype=torch.float64, device=info.device)
+    vittle_part = torch.zeros_like(ce_part)
+    kl_v = torch.zeros_like(ce_part)
+    kl_t = torch.zeros_like(ce_part)
+    tokens = torch.zeros_like(ce_part)
+    skipped_records = torch.zeros_like(ce_part)
+    for micro, batch in enumerate(micro_batches):
+        out = model(
+            **{name: batch[name] for name in MODEL_INPUTS},
+            vittle_alpha=alpha,
+            noise_seed=noise_seed(cfg.seed, step, micro),
+            noise_offset=noise_offset(info.rank),
+        )
+        loss = out.ce_sum * ce_scale.to(out.ce_sum.dtype) + out.vittle_loss / num_micro
+        loss.backward()
+        ce_part += out.ce_sum.detach().double() / global_targets
+        vittle_part += out.vittle_loss.detach().double() / num_micro
+        kl_v += out.kl_v.detach().double() / num_micro
+        kl_t += out.kl_t.detach().double() / num_micro
+        tokens += batch["attention_mask"].sum()
+        skipped_records += batch["n_skipped"].sum()
+
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    local_loss = ce_part + vittle_part / info.world_size
+    found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(local_loss)).float()
+    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)  # every rank skips together
+    optimizer.found_inf = found_inf  # fused AdamW leaves params and moments untouched when it is 1
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    acc.add(loss=torch.nan_to_num(local_loss), ce=torch.nan_to_num(ce_part),
+            kl_v=kl_v, kl_t=kl_t, grad_norm=torch.nan_to_num(grad_norm.double()),
+            tokens=tokens, skipped_records=skipped_records, skipped_steps=found_inf / info.world_size, steps=1.0 / info.world_size)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+    return {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
