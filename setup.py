@@ -1,4 +1,55 @@
-"""Build script: package metadata lives in pyproject.toml; this file adds the compiled extension."""
+"""Build script: package metadata lives in pyproject.toml; this file adds the compiled extension.
+
+``vittle_fast._C`` holds the fused op's C++ (CPU) kernel and, when torch is a CUDA build and nvcc
+is found, its CUDA kernel too. Install with ``pip install --no-build-isolation -e .`` so the
+extension builds against the torch already in the environment.
+
+Environment knobs:
+  VITTLE_FAST_BUILD_EXT=0     skip the extension (pure-Python install; backend="cpp" unavailable)
+  VITTLE_FAST_BUILD_CUDA=0|1  force the CUDA sources off / on (default: auto-detect)
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0": A100 and H100)
+"""
+import os
+from pathlib import Path
+
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).parent
+CSRC = "csrc"
+CPU_SOURCES = [f"{CSRC}/vib_sample_kl_ops.cpp", f"{CSRC}/vib_sample_kl_cpu.cpp", f"{CSRC}/python_module.cpp"]
+CUDA_SOURCES = [f"{CSRC}/vib_sample_kl_cuda.cu"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def _want_cuda(cpp_extension) -> bool:
+    forced = os.environ.get("VITTLE_FAST_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extensions():
+    if os.environ.get("VITTLE_FAST_BUILD_EXT", "1") == "0":
+        return [], {}
+    from torch.utils import cpp_extension
+
+    common = dict(include_dirs=[str(ROOT / CSRC)], extra_link_args=["-fopenmp"])
+    if _want_cuda(cpp_extension):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = cpp_extension.CUDAExtension(
+            "vittle_fast._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            define_macros=[("VITTLE_FAST_WITH_CUDA", None)],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            **common,
+        )
+    else:
+        ext = cpp_extension.CppExtension("vittle_fast._C", CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS}, **common)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

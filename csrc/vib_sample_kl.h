@@ -1,0 +1,44 @@
+// ATen-level entry points of the fused Vittle op, shared by the operator registration
+// (vib_sample_kl_ops.cpp), the CPU kernel and the CUDA glue.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "vib_sample_kl_math.h"
+
+namespace vittle_fast {
+
+// Validated arguments of one call, in the form the kernels consume.
+struct FusedCall {
+  int64_t n_tokens;
+  int64_t dim;
+  OpScalars scalars;
+  int64_t seed;     // int64 view of the 64-bit Philox key
+  uint64_t offset;  // Philox counter base
+  bool learnable_prior;
+};
+
+using OptionalTensor = std::optional<at::Tensor>;
+using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Outputs: z_hat [N, D] in stats.dtype, kl [N] float32.
+ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const OptionalTensor& prior_mu,
+                          const OptionalTensor& prior_logvar, const FusedCall& call);
+// Outputs: grad_h [N, D], grad_stats [N, 2D] in stats.dtype; prior gradients [D] float32 (or [0]).
+BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad_kl, const at::Tensor& stats,
+                            const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
+                            const FusedCall& call);
+
+#ifdef VITTLE_FAST_WITH_CUDA
+ForwardResult forward_cuda(const at::Tensor& h, const at::Tensor& stats, const OptionalTensor& prior_mu,
+                           const OptionalTensor& prior_logvar, const FusedCall& call);
+BackwardResult backward_cuda(const at::Tensor& grad_z_hat, const at::Tensor& grad_kl, const at::Tensor& stats,
+                             const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
+                             const FusedCall& call);
+#endif
+
+}  // namespace vittle_fast

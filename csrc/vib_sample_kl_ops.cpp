@@ -1,0 +1,129 @@
+// Operator registration: vittle_fast::fused_sample_kl_fwd / fused_sample_kl_bwd for the CPU, CUDA
+// (when built with CUDA) and Meta dispatch keys.
+//
+// The Python layer registers vittle_fast::vib_sample_kl{,_backward} with torch.library.custom_op in
+// the same namespace, so this file only ever adds a FRAGMENT to it.
+#include "vib_sample_kl.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace vittle_fast {
+namespace {
+
+void check_prior(const OptionalTensor& prior, const char* name, const at::Tensor& stats, int64_t dim) {
+  if (!prior.has_value()) return;
+  TORCH_CHECK(prior->scalar_type() == at::kFloat, name, " must be float32, got ", prior->scalar_type());
+  TORCH_CHECK(prior->dim() == 1 && prior->size(0) == dim, name, " must have shape [D] = [", dim, "], got ",
+              prior->sizes());
+  TORCH_CHECK(prior->is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(prior->device() == stats.device(), name, " must be on ", stats.device(), ", got ", prior->device());
+}
+
+// Checks what the kernels rely on (the Python layer has already validated user-facing arguments)
+// and packs the scalars. `dim_source` is h (forward) or grad_z_hat (backward): [N, D], stats' dtype.
+FusedCall make_call(const at::Tensor& dim_source, const at::Tensor& stats, double alpha, int64_t seed, int64_t offset,
+                    const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar, double clamp_lo,
+                    double clamp_hi, double kl_logvar_coef, bool sample) {
+  TORCH_CHECK(dim_source.dim() == 2 && dim_source.size(1) >= 1, "expected a [N, D] tensor with D >= 1, got ",
+              dim_source.sizes());
+  const int64_t n = dim_source.size(0);
+  const int64_t d = dim_source.size(1);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 2 * d, "stats must have shape [N, 2D] = [",
+              n, ", ", 2 * d, "], got ", stats.sizes());
+  const auto dtype = stats.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "stats must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(dim_source.scalar_type() == dtype, "h / grad_z_hat must have stats' dtype ", dtype, ", got ",
+              dim_source.scalar_type());
+  TORCH_CHECK(dim_source.device() == stats.device(), "h / grad_z_hat must be on stats' device");
+  TORCH_CHECK(dim_source.is_contiguous() && stats.is_contiguous(), "h / grad_z_hat and stats must be contiguous");
+  TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
+              "prior_mu and prior_logvar must both be given or both be None");
+  check_prior(prior_mu, "prior_mu", stats, d);
+  check_prior(prior_logvar, "prior_logvar", stats, d);
+  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
+  TORCH_CHECK(!std::isnan(clamp_lo) && !std::isnan(clamp_hi) && clamp_lo <= clamp_hi,
+              "clamp_lo must be <= clamp_hi, got ", clamp_lo, ", ", clamp_hi);
+  OpScalars scalars{static_cast<float>(alpha), static_cast<float>(clamp_lo), static_cast<float>(clamp_hi),
+                    static_cast<float>(kl_logvar_coef), sample};
+  return {n, d, scalars, seed, static_cast<uint64_t>(offset), prior_mu.has_value()};
+}
+
+ForwardResult fused_sample_kl_fwd(const at::Tensor& h, const at::Tensor& stats, double alpha, int64_t seed,
+                                  int64_t offset, const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
+                                  double clamp_lo, double clamp_hi, double kl_logvar_coef, bool sample) {
+  const FusedCall call =
+      make_call(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample);
+#ifdef VITTLE_FAST_WITH_CUDA
+  if (h.is_cuda()) return forward_cuda(h, stats, prior_mu, prior_logvar, call);
+#endif
+  return forward_cpu(h, stats, prior_mu, prior_logvar, call);
+}
+
+BackwardResult fused_sample_kl_bwd(const at::Tensor& grad_z_hat, const at::Tensor& grad_kl, const at::Tensor& stats,
+                                   double alpha, int64_t seed, int64_t offset, const OptionalTensor& prior_mu,
+                                   const OptionalTensor& prior_logvar, double clamp_lo, double clamp_hi,
+                                   double kl_logvar_coef, bool sample) {
+  const FusedCall call = make_call(grad_z_hat, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo,
+                                   clamp_hi, kl_logvar_coef, sample);
+  TORCH_CHECK(grad_kl.scalar_type() == at::kFloat && grad_kl.dim() == 1 && grad_kl.size(0) == call.n_tokens &&
+                  grad_kl.is_contiguous() && grad_kl.device() == stats.device(),
+              "grad_kl must be a contiguous float32 [N] tensor on stats' device, got ", grad_kl.scalar_type(), " ",
+              grad_kl.sizes());
+#ifdef VITTLE_FAST_WITH_CUDA
+  if (stats.is_cuda()) return backward_cuda(grad_z_hat, grad_kl, stats, prior_mu, prior_logvar, call);
+#endif
+  return backward_cpu(grad_z_hat, grad_kl, stats, prior_mu, prior_logvar, call);
+}
+
+// Shape-only implementations so torch.compile / FakeTensor can trace the ops.
+ForwardResult fused_sample_kl_fwd_meta(const at::Tensor& h, const at::Tensor& stats, double, int64_t, int64_t,
+                                       const OptionalTensor&, const OptionalTensor&, double, double, double, bool) {
+  return {at::empty_like(h), at::empty({h.size(0)}, h.options().dtype(at::kFloat))};
+}
+
+BackwardResult fused_sample_kl_bwd_meta(const at::Tensor& grad_z_hat, const at::Tensor&, const at::Tensor& stats,
+                                        double, int64_t, int64_t, const OptionalTensor& prior_mu,
+                                        const OptionalTensor&, double, double, double, bool) {
+  const int64_t prior_size = prior_mu.has_value() ? grad_z_hat.size(1) : 0;
+  const auto fp32 = stats.options().dtype(at::kFloat);
+  return {at::empty_like(grad_z_hat), at::empty_like(stats), at::empty({prior_size}, fp32),
+          at::empty({prior_size}, fp32)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vittle_fast, m) {
+  m.def(
+      "fused_sample_kl_fwd(Tensor h, Tensor stats, float alpha, int seed, int offset, Tensor? prior_mu, "
+      "Tensor? prior_logvar, float clamp_lo, float clamp_hi, float kl_logvar_coef, bool sample) "
+      "-> (Tensor z_hat, Tensor kl)");
+  m.def(
+      "fused_sample_kl_bwd(Tensor grad_z_hat, Tensor grad_kl, Tensor stats, float alpha, int seed, int offset, "
+      "Tensor? prior_mu, Tensor? prior_logvar, float clamp_lo, float clamp_hi, float kl_logvar_coef, bool sample) "
+      "-> (Tensor grad_h, Tensor grad_stats, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
+}
+
+TORCH_LIBRARY_IMPL(vittle_fast, CPU, m) {
+  m.impl("fused_sample_kl_fwd", &fused_sample_kl_fwd);
+  m.impl("fused_sample_kl_bwd", &fused_sample_kl_bwd);
+}
+
+#ifdef VITTLE_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(vittle_fast, CUDA, m) {
+  m.impl("fused_sample_kl_fwd", &fused_sample_kl_fwd);
+  m.impl("fused_sample_kl_bwd", &fused_sample_kl_bwd);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(vittle_fast, Meta, m) {
+  m.impl("fused_sample_kl_fwd", &fused_sample_kl_fwd_meta);
+  m.impl("fused_sample_kl_bwd", &fused_sample_kl_bwd_meta);
+}
+
+}  // namespace vittle_fast
