@@ -17,8 +17,8 @@ One forward kernel (noise -> sample -> interpolate -> per-token KL) and one back
   (``tiles_per_program``) is a runtime argument, so the grid can be sized without recompiling.
 * **64-bit indices.** Row numbers are int64 before they are multiplied by D; Philox counters are
   int64 (``offset`` can exceed 2**32, so the counter's high word matters).
-* **Deterministic prior gradient.** Each program writes its column partials to its own row of a
-  ``[num_programs, 2, D]`` fp32 buffer; ``torch.sum`` over programs reduces them in a fixed order.
+* **Deterministic prior gradient.** Each program writes its column partials to its own rows of a
+  ``[2, num_programs, D]`` fp32 buffer; ``torch.sum`` over programs reduces them in a fixed order.
   No atomics.
 * All math in fp32 registers; ``z_hat``/grads stored in the input dtype, ``kl`` in fp32.
 """
@@ -80,13 +80,17 @@ def _normal_tile(seed, offset, rows, lead, chunk, D, ROWS: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _load_posterior(stats_ptr, rows, cols, mask, D, clamp_lo, clamp_hi):
-    """mu, clamped logvar and its element offsets into stats ([N, 2D]; mu | logvar halves)."""
-    mu_offsets = (2 * D) * rows[:, None] + cols[None, :]
+def _element_offsets(rows, cols, D):
+    """int64 [ROWS, BLOCK] offsets of (i, j) into an [N, D] tensor and into mu = stats[:, :D]."""
+    return D * rows[:, None] + cols[None, :], (2 * D) * rows[:, None] + cols[None, :]
+
+
+@triton.jit
+def _load_posterior(stats_ptr, mu_offsets, mask, D, clamp_lo, clamp_hi):
+    """mu and clamped logvar (stats = [mu | logvar], each half D wide) in fp32."""
     mu = tl.load(stats_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
     logvar = tl.load(stats_ptr + mu_offsets + D, mask=mask, other=0.0).to(tl.float32)
-    logvar = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
-    return mu, logvar, mu_offsets
+    return mu, tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
 
 
 @triton.jit
@@ -123,7 +127,8 @@ def _vib_sample_kl_fwd_kernel(
         for chunk in range(tl.cdiv(D + lead, BLOCK)):
             cols, col_mask = _chunk_columns(chunk, lead, D, BLOCK)
             mask = row_mask[:, None] & col_mask[None, :]
-            mu, logvar, _ = _load_posterior(stats_ptr, rows, cols, mask, D, clamp_lo, clamp_hi)
+            h_offsets, mu_offsets = _element_offsets(rows, cols, D)
+            mu, logvar = _load_posterior(stats_ptr, mu_offsets, mask, D, clamp_lo, clamp_hi)
             mu_p, logvar_p, inv_var_p = _load_prior(prior_mu_ptr, prior_logvar_ptr, cols, col_mask,
                                                     clamp_lo, clamp_hi, LEARNABLE_PRIOR, BLOCK)
             std = tl.exp(0.5 * logvar)
@@ -132,7 +137,6 @@ def _vib_sample_kl_fwd_kernel(
                 z_tilde = mu + std * eps
             else:
                 z_tilde = mu
-            h_offsets = D * rows[:, None] + cols[None, :]
             h = tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32)
             z_hat = (1.0 - alpha) * h + alpha * z_tilde
             tl.store(z_hat_ptr + h_offsets, z_hat.to(z_hat_ptr.dtype.element_ty), mask=mask)
@@ -168,9 +172,9 @@ def _vib_sample_kl_bwd_kernel(
         for tile in range(tiles_per_program):
             rows, row_mask = _tile_rows(pid, tile, tiles_per_program, n_rows, ROWS)
             mask = row_mask[:, None] & col_mask[None, :]
-            mu, logvar, mu_offsets = _load_posterior(stats_ptr, rows, cols, mask, D, clamp_lo, clamp_hi)
+            h_offsets, mu_offsets = _element_offsets(rows, cols, D)
+            mu, logvar = _load_posterior(stats_ptr, mu_offsets, mask, D, clamp_lo, clamp_hi)
             w = (tl.load(grad_kl_ptr + rows, mask=row_mask, other=0.0) / D)[:, None]  # dL/dKL_ij
-            h_offsets = D * rows[:, None] + cols[None, :]
             g = tl.load(grad_z_hat_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32)
             tl.store(grad_h_ptr + h_offsets, ((1.0 - alpha) * g).to(grad_h_ptr.dtype.element_ty), mask=mask)
 
@@ -189,9 +193,10 @@ def _vib_sample_kl_bwd_kernel(
                 grad_mu_p_acc -= tl.where(mask, kl_grad_mu, 0.0)
                 grad_logvar_p_acc += tl.where(mask, w * 0.5 * (1.0 - (var + diff * diff) * inv_var_p), 0.0)
         if LEARNABLE_PRIOR:
-            partial_row = prior_partials_ptr + pid.to(tl.int64) * (2 * D)
-            tl.store(partial_row + cols, tl.sum(grad_mu_p_acc, axis=0), mask=col_mask)
-            tl.store(partial_row + D + cols, tl.sum(grad_logvar_p_acc, axis=0), mask=col_mask)
+            mu_p_partials = prior_partials_ptr + pid.to(tl.int64) * D  # [2, num_programs, D]
+            logvar_p_partials = mu_p_partials + tl.num_programs(0).to(tl.int64) * D
+            tl.store(mu_p_partials + cols, tl.sum(grad_mu_p_acc, axis=0), mask=col_mask)
+            tl.store(logvar_p_partials + cols, tl.sum(grad_logvar_p_acc, axis=0), mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
     grad_stats = torch.empty_like(stats)
     config = config or launch_config(n_rows, d, stats.device, bounded_programs=learnable)
     num_programs = config.num_programs(n_rows) if n_rows else 0
-    partials = torch.empty((num_programs, 2, d), dtype=torch.float32, device=stats.device) if learnable else None
+    partials = torch.empty((2, num_programs, d), dtype=torch.float32, device=stats.device) if learnable else None
     if n_rows:
         _vib_sample_kl_bwd_kernel[(num_programs,)](
             grad_z_hat, grad_kl, stats, prior_mu, prior_logvar,
@@ -299,5 +304,5 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
         )
     if not learnable:
         return grad_h, grad_stats, None, None
-    grad_mu_p, grad_logvar_p = partials.sum(dim=0).unbind(0)  # fixed-order reduction, zeros if N = 0
-    return grad_h, grad_stats, grad_mu_p, grad_logvar_p
+    # Fixed-order reductions over programs (zeros when N = 0); two sums so the grads don't alias.
+    return grad_h, grad_stats, partials[0].sum(dim=0), partials[1].sum(dim=0)

@@ -1,0 +1,150 @@
+"""Ahead-of-time compile of the op's Triton kernels for sm_80 / sm_90, with no GPU.
+
+    python -m vittle_fast.ops.triton.aot            # representative subset (~30 s)
+    python -m vittle_fast.ops.triton.aot --full     # every variant the GPU launcher can pick
+
+Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
+exactly as the JIT would specialise a real call (16-byte aligned pointers, D % 16 == 0 as for
+Llama widths, no prior pointers for the fixed prior); the cubin's registers, stack, local memory
+and shared memory come from the ``cuobjdump`` bundled in the triton wheel, spills from the ``ptxas``
+report of the same PTX, and the widest global load/store from the PTX. Prints a Markdown table;
+exits 1 if any variant spills. Must run WITHOUT ``TRITON_INTERPRET=1`` (the interpreter replaces
+the jit functions).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import sm_arch_from_capability
+from triton.compiler import ASTSource
+
+from . import vib_sample_kl as op
+
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+ALIGNED = [["tt.divisibility", 16]]  # what the JIT attaches to 16-byte aligned pointers and D % 16 == 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str  # "fwd" | "bwd"
+    cc: int
+    dtype: str  # Triton type of h / stats: "bf16" | "fp16" | "fp32"
+    learnable_prior: bool
+    sample: bool
+    block: int
+    rows: int
+
+    @property
+    def fn(self):
+        return op._vib_sample_kl_fwd_kernel if self.kernel == "fwd" else op._vib_sample_kl_bwd_kernel
+
+    def source(self) -> ASTSource:
+        """The ASTSource the JIT would build for this specialisation."""
+        io = f"*{self.dtype}"
+        prior = "*fp32" if self.learnable_prior else "constexpr"
+        if self.kernel == "fwd":
+            pointers = {"h_ptr": io, "stats_ptr": io, "prior_mu_ptr": prior, "prior_logvar_ptr": prior,
+                        "z_hat_ptr": io, "kl_ptr": "*fp32"}
+        else:
+            pointers = {"grad_z_hat_ptr": io, "grad_kl_ptr": "*fp32", "stats_ptr": io,
+                        "prior_mu_ptr": prior, "prior_logvar_ptr": prior, "grad_h_ptr": io,
+                        "grad_stats_ptr": io, "prior_partials_ptr": prior}
+        scalars = {"n_rows": "i32", "D": "i32", "tiles_per_program": "i32", "alpha": "fp32",
+                   "seed": "i64", "offset": "i64", "clamp_lo": "fp32", "clamp_hi": "fp32",
+                   "kl_logvar_coef": "fp32"}
+        flags = {"LEARNABLE_PRIOR": self.learnable_prior, "SAMPLE": self.sample, "ROWS": self.rows,
+                 "BLOCK": self.block}
+        signature = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
+        constexprs = {**{name: None for name, ty in pointers.items() if ty == "constexpr"}, **flags}
+        aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + ["D"]
+        attrs = {(self.fn.arg_names.index(name),): ALIGNED for name in aligned}
+        return ASTSource(fn=self.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def variants(full: bool) -> list[Variant]:
+    """Full: every (kernel, cc, dtype, prior, sample, tile) the GPU launcher can pick for bf16/fp32.
+
+    Subset: every kernel x cc x dtype at the large-D tile (the training shape), with the training
+    options (sample on) for both priors, plus the smallest-block tile and the posterior-mean path.
+    """
+    tiles = op.gpu_tile_shapes()
+    if full:
+        grid = itertools.product(("fwd", "bwd"), (80, 90), ("bf16", "fp32"), (False, True), (True, False), tiles)
+        return [Variant(*head, *tile) for *head, tile in grid]
+    largest, smallest = tiles[-1], tiles[0]
+    chosen = [Variant(k, cc, dt, prior, True, *largest)
+              for k, cc, dt, prior in itertools.product(("fwd", "bwd"), (80, 90), ("bf16", "fp32"), (False, True))]
+    chosen += [Variant(k, 90, "bf16", True, True, *smallest) for k in ("fwd", "bwd")]
+    chosen += [Variant(k, 90, "bf16", False, False, *largest) for k in ("fwd", "bwd")]
+    return chosen
+
+
+def _run(tool: str, *args: str) -> str:
+    return subprocess.run([str(NVIDIA_BIN / tool), *args], check=True, capture_output=True, text=True).stdout
+
+
+def _widest_access(ptx: str, kind: str) -> int:
+    """Widest vector (elements) of any ``ld.global`` / ``st.global`` in the PTX (1 = scalar)."""
+    widths = [int(v) for v in re.findall(rf"{kind}\.global(?:\.\w+)*?\.v(\d)", ptx)]
+    return max(widths, default=1)
+
+
+def resource_usage(variant: Variant, workdir: Path) -> dict:
+    compiled = triton.compile(variant.source(), target=GPUTarget("cuda", variant.cc, 32),
+                              options={"num_warps": op.GPU_NUM_WARPS})
+    stem = workdir / f"{variant.kernel}_{variant.cc}_{variant.dtype}_{variant.block}"
+    cubin, ptx_file = stem.with_suffix(".cubin"), stem.with_suffix(".ptx")
+    cubin.write_bytes(compiled.asm["cubin"])
+    ptx_file.write_text(compiled.asm["ptx"])
+    usage = _run("cuobjdump", "--dump-resource-usage", str(cubin))
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ptxas = subprocess.run([str(NVIDIA_BIN / "ptxas"), "-v", f"--gpu-name={sm_arch_from_capability(variant.cc)}",
+                            str(ptx_file), "-o", os.devnull], check=True, capture_output=True, text=True).stderr
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
+    return {"regs": int(fields["REG"]), "spill_bytes": spills, "stack": int(fields["STACK"]),
+            "local": int(fields["LOCAL"]), "shared": int(fields["SHARED"]),
+            "ld_vec": _widest_access(compiled.asm["ptx"], "ld"), "st_vec": _widest_access(compiled.asm["ptx"], "st")}
+
+
+COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "BLOCK", "ROWS", "warps",
+           "regs", "spill B", "stack B", "local B", "shared B", "ld vec", "st vec", "compile s")
+
+
+def table_row(variant: Variant, usage: dict, seconds: float) -> list:
+    return [variant.kernel, variant.cc, variant.dtype, "learnable" if variant.learnable_prior else "fixed",
+            variant.sample, variant.block, variant.rows, op.GPU_NUM_WARPS, usage["regs"], usage["spill_bytes"],
+            usage["stack"], usage["local"], usage["shared"], usage["ld_vec"], usage["st_vec"], f"{seconds:.1f}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="every variant, not the representative subset")
+    args = parser.parse_args(argv)
+    if op.interpreting():
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the jit functions")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    spilled = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants(args.full):
+            start = time.perf_counter()
+            usage = resource_usage(variant, Path(tmp))
+            row = table_row(variant, usage, time.perf_counter() - start)
+            print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
+            spilled += usage["spill_bytes"] > 0 or usage["local"] > 0
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
