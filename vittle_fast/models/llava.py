@@ -1,0 +1,223 @@
+"""LLaVA-1.5 assembly (CLIP tower -> mlp2x_gelu projector -> Llama) with Vittle's bottleneck.
+
+Image tokens follow the llava-hf convention (interfaces.md §B): the collator expands each ``<image>``
+into ``(image_size // patch_size) ** 2`` copies of ``image_token_id``; the model writes the projected
+patch features into exactly those positions, in order. The modality of every token therefore comes
+from where features were written (visual), ``attention_mask`` (padding) and the rest (text), never
+from positions.
+
+The bottleneck runs inside the decoder through the Llama's ``after_layer`` hook, so the layer loop
+stays the plain one in ``llama.py`` and generation reuses it unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vittle_fast.nn.bottleneck import VittleBottleneck, VittleConfig, split_token_rows
+
+from .clip import CLIPVisionTower
+from .llama import Llama
+
+IGNORE_INDEX = -100
+
+
+class MultimodalProjector(nn.Module):
+    """LLaVA-1.5's ``mlp2x_gelu``: Linear -> GELU (erf) -> Linear (llava-hf names)."""
+
+    def __init__(self, vision_size: int, text_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_size, text_size)
+        self.linear_2 = nn.Linear(text_size, text_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+@dataclass
+class LlavaOutput:
+    logits: torch.Tensor  # [B, S, V]
+    ce_sum: torch.Tensor  # fp32 scalar: summed CE over the target tokens
+    n_targets: torch.Tensor  # int64 scalar
+    kl_v: torch.Tensor  # fp32 scalar: mean KL over the visual tokens (0 when none / no bottleneck)
+    kl_t: torch.Tensor  # fp32 scalar: mean KL over the selected text tokens
+    vittle_loss: torch.Tensor  # fp32 scalar: beta_v * kl_v + beta_t * kl_t
+
+
+def causal_lm_ce_sum(logits: torch.Tensor, labels: torch.Tensor,
+                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token CE (fp32) and target count. Token t predicts label t + 1; a label at a packed
+    sequence start (``position_ids == 0``) is not a target of the previous sequence's last token."""
+    targets = labels[:, 1:]
+    if position_ids is not None:
+        targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
+    ce_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce_sum, (targets != IGNORE_INDEX).sum()
+
+
+class BottleneckHook:
+    """The Llama ``after_layer`` hook that applies Vittle after ``layer_v`` / ``layer_t``.
+
+    Built for one sequence batch (the prompt, during generation): ``is_visual`` [B, P] marks the image
+    tokens, ``kl_masks`` [B, P] per modality the tokens whose KL counts. Chunks that start after
+    position 0 (cached decoding) contain only newly generated text. Records ``kl[modality]``.
+    """
+
+    def __init__(self, bottleneck: VittleBottleneck, is_visual: torch.Tensor, num_visual: int,
+                 kl_masks: dict[str, torch.Tensor] | None, *, alpha: float, noise_seed: int, noise_offset: int):
+        self.bottleneck = bottleneck
+        self.is_visual, self.num_visual, self.kl_masks = is_visual, num_visual, kl_masks
+        self.noise = dict(alpha=alpha, noise_seed=noise_seed, noise_offset=noise_offset)
+        self.kl: dict[str, torch.Tensor] = {}
+        self._rows_cache: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _rows(self, first_position: int, seq: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per modality: (flat rows of the chunk [first_position, first_position + seq), KL mask)."""
+        key = (first_position, seq)
+        if key not in self._rows_cache:
+            prompt_len = self.is_visual.shape[1]
+            grow = max(0, first_position + seq - prompt_len)
+            is_visual = F.pad(self.is_visual, (0, grow))[:, first_position:first_position + seq]
+            num_visual = self.num_visual if first_position == 0 else 0
+            rows = dict(zip(("visual", "text"), split_token_rows(is_visual, num_visual)))
+            entry = {}
+            for modality, modality_rows in rows.items():
+                if self.kl_masks is None:
+                    kl_mask = torch.zeros_like(modality_rows, dtype=torch.bool)
+                else:
+                    kl_mask = self.kl_masks[modality].flatten().index_select(0, modality_rows)
+                entry[modality] = (modality_rows, kl_mask)
+            self._rows_cache[key] = entry
+        return self._rows_cache[key]
+
+    def __call__(self, layer_index: int, hidden: torch.Tensor, first_position: int) -> torch.Tensor:
+        modalities = self.bottleneck.config.modalities_after(layer_index)
+        if not modalities:
+            return hidden
+        rows = self._rows(first_position, hidden.shape[1])
+        flat = hidden.flatten(0, 1)
+        for modality in modalities:  # layer_v == layer_t: both modalities at the same point
+            flat, self.kl[modality] = self.bottleneck(flat, modality, *rows[modality], **self.noise)
+        return flat.view_as(hidden)
+
+
+class LlavaVittle(nn.Module):
+    """LLaVA-1.5 with an optional Vittle bottleneck (interfaces.md §B).
+
+    The CLIP tower is frozen and always runs under ``torch.no_grad()``. ``validate_inputs`` (default
+    True) checks that the image-token count matches the images given; it costs one host sync per
+    forward, so a trainer that trusts its collator may switch it off.
+    """
+
+    def __init__(self, text_config, vision_config, image_token_id: int, vittle: VittleConfig | None = None,
+                 vision_feature_layer: int = -2):
+        super().__init__()
+        if not isinstance(image_token_id, int):
+            raise TypeError(f"image_token_id must be an int, got {type(image_token_id).__name__}")
+        if vittle is not None:
+            for name in ("layer_v", "layer_t"):
+                if getattr(vittle, name) >= text_config.num_hidden_layers:
+                    raise ValueError(f"vittle.{name}={getattr(vittle, name)} but the decoder has "
+                                     f"{text_config.num_hidden_layers} layers")
+        self.image_token_id = image_token_id
+        self.vision_feature_layer = vision_feature_layer
+        self.validate_inputs = True
+        self.vision_tower = CLIPVisionTower(vision_config).requires_grad_(False)
+        self.projector = MultimodalProjector(vision_config.hidden_size, text_config.hidden_size)
+        self.language_model = Llama(text_config)
+        self.bottleneck = None if vittle is None else VittleBottleneck(text_config.hidden_size, vittle)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_tower.num_patches
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected patch features of every image, flattened to [n_images * P, D_text]."""
+        with torch.no_grad():
+            patches = self.vision_tower(pixel_values, self.vision_feature_layer)
+        return self.projector(patches.to(self.projector.linear_1.weight.dtype)).flatten(0, 1)
+
+    def _check_inputs(self, input_ids, is_visual, num_images, labels, attention_mask, position_ids):
+        if input_ids.ndim != 2 or input_ids.dtype != torch.int64:
+            raise ValueError(f"input_ids must be int64 [B, S], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        for name, value in (("labels", labels), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None and value.shape != input_ids.shape:
+                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(value.shape)}")
+        if self.validate_inputs:
+            found = int(is_visual.sum())  # the one host sync of the forward
+            expected = num_images * self.num_image_tokens
+            if found != expected:
+                raise ValueError(
+                    f"input_ids hold {found} image tokens (id {self.image_token_id}) but pixel_values has "
+                    f"{num_images} image(s) x {self.num_image_tokens} tokens = {expected}: every <image> must be "
+                    f"expanded to {self.num_image_tokens} image tokens, one placeholder per image"
+                )
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token embeddings with image features written at the image-token positions.
+
+        Returns (embeddings [B, S, D], is_visual [B, S], number of visual tokens)."""
+        is_visual = input_ids == self.image_token_id
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        num_visual = num_images * self.num_image_tokens
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_visual, 0))  # id may be out of vocab
+        if pixel_values is not None:  # also with 0 images: the projector joins the graph (zero gradient)
+            visual_rows, _ = split_token_rows(is_visual, num_visual)
+            features = self.image_features(pixel_values).to(embeds.dtype)
+            embeds = embeds.flatten(0, 1).index_copy(0, visual_rows, features).view_as(embeds)
+        return embeds, is_visual, num_visual
+
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, pixel_values=None, *,
+                vittle_alpha: float = 0.0, noise_seed: int = 0, noise_offset: int = 0) -> LlavaOutput:
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        self._check_inputs(input_ids, input_ids == self.image_token_id, num_images, labels, attention_mask,
+                           position_ids)
+        embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
+        hook = None
+        if self.bottleneck is not None:
+            hook = BottleneckHook(self.bottleneck, is_visual, num_visual,
+                                  self._kl_masks(is_visual, labels, attention_mask),
+                                  alpha=vittle_alpha, noise_seed=noise_seed, noise_offset=noise_offset)
+        hidden = self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
+                                                   position_ids=position_ids, after_layer=hook)
+        logits = self.language_model.lm_head(hidden)
+
+        zero = logits.new_zeros((), dtype=torch.float32)
+        if labels is None:
+            ce_sum, n_targets = zero, torch.zeros((), dtype=torch.int64, device=logits.device)
+        else:
+            ce_sum, n_targets = causal_lm_ce_sum(logits, labels, position_ids)
+        kl_v = kl_t = vittle_loss = zero
+        if hook is not None:
+            kl_v, kl_t = hook.kl.get("visual", zero), hook.kl.get("text", zero)
+            vittle_loss = self.bottleneck.config.beta_v * kl_v + self.bottleneck.config.beta_t * kl_t
+        return LlavaOutput(logits, ce_sum, n_targets, kl_v, kl_t, vittle_loss)
+
+    def _kl_masks(self, is_visual, labels, attention_mask) -> dict[str, torch.Tensor]:
+        """Tokens whose KL counts: every image token; the prompt text (label ignored) or all text."""
+        valid = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
+        text = valid & ~is_visual
+        if self.bottleneck.config.kl_text_tokens == "prompt" and labels is not None:
+            text = text & (labels == IGNORE_INDEX)
+        return {"visual": is_visual & valid, "text": text}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int,
+                 vittle_alpha: float = 0.5, temperature: float = 0.0, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """New tokens [B, max_new_tokens] for equal-length prompts. Call ``eval()`` first: in eval mode
+        the bottleneck uses the posterior mean with ``vittle_alpha`` (the schedule's final value)."""
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        self._check_inputs(input_ids, input_ids == self.image_token_id, num_images, None, None, None)
+        embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
+        hook = None
+        if self.bottleneck is not None:
+            hook = BottleneckHook(self.bottleneck, is_visual, num_visual, None,
+                                  alpha=vittle_alpha, noise_seed=0, noise_offset=0)
+        return self.language_model.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                                            temperature=temperature, eos_token_id=eos_token_id,
+                                            generator=generator, use_cache=use_cache, after_layer=hook)

@@ -1,0 +1,167 @@
+"""Vittle's information bottleneck as a module: two per-modality MLPs, priors, the fused op, KL means.
+
+The module works on flat token rows: the caller (``LlavaVittle``) flattens the hidden state to
+[B*S, D] and gives, per modality, the row indices of its tokens and a boolean mask saying which of them
+count in the KL. Tokens are gathered with ``index_select`` and written back with ``index_copy``
+(out of place, so autograd is happy); the rest of the hidden state is never sliced or concatenated.
+
+Host syncs: none. Index lists have host-known lengths (see :func:`split_token_rows`), the KL means
+divide by a clamped on-device count, and an empty modality runs the MLP on zero rows, so its
+parameters still join the graph with a zero gradient (FSDP needs every parameter to get a gradient).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vittle_fast.ops import vib_sample_kl
+
+MODALITIES = ("visual", "text")
+_SUFFIX = {"visual": "v", "text": "t"}
+# Calls of one step draw noise at offsets ``noise_offset + (call_index << NOISE_CALL_SHIFT)`` (DESIGN §5).
+NOISE_CALL_SHIFT = 38
+NOISE_CALL_INDEX = {"visual": 0, "text": 1}
+
+
+@dataclass
+class VittleConfig:
+    """Where and how strongly the bottleneck acts (DESIGN.md §1).
+
+    ``layer_v`` / ``layer_t`` are 0-based decoder-layer indices: the bottleneck transforms the output
+    of ``layers[layer_v]`` (visual tokens) and ``layers[layer_t]`` (text tokens), as the released
+    code's ``bottleneck_layeridx_*="layer-24"`` does.
+    """
+
+    layer_v: int
+    layer_t: int
+    beta_v: float = 0.1
+    beta_t: float = 0.1
+    prior: str = "fixed"  # "fixed" N(0, I) | "learnable"
+    kl_form: str = "standard"  # "standard" (Eq. 8) | "released"
+    kl_text_tokens: str = "prompt"  # "prompt" | "all"
+    logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("layer_v", "layer_t"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"VittleConfig.{name} must be an int >= 0, got {value!r}")
+        for name in ("beta_v", "beta_t"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"VittleConfig.{name} must be >= 0, got {getattr(self, name)}")
+        choices = {"prior": ("fixed", "learnable"), "kl_form": ("standard", "released"),
+                   "kl_text_tokens": ("prompt", "all")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VittleConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.logvar_clamp is not None:
+            low, high = self.logvar_clamp
+            if not low < high:
+                raise ValueError(f"VittleConfig.logvar_clamp must be (low, high) with low < high, got {self.logvar_clamp}")
+            self.logvar_clamp = (float(low), float(high))
+
+    def layer_of(self, modality: str) -> int:
+        return self.layer_v if modality == "visual" else self.layer_t
+
+    def modalities_after(self, layer_index: int) -> tuple[str, ...]:
+        """The modalities whose bottleneck acts on the output of decoder layer ``layer_index``."""
+        return tuple(m for m in MODALITIES if self.layer_of(m) == layer_index)
+
+
+def split_token_rows(is_visual: torch.Tensor, num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row indices of the visual tokens and of all other tokens, both in sequence order.
+
+    ``num_visual`` must be the number of True entries (LLaVA knows it on the host: images x patches),
+    which makes the split sync-free: a stable sort puts the visual rows first, in order.
+    """
+    order = torch.argsort(is_visual.flatten().to(torch.int8), descending=True, stable=True)
+    return order[:num_visual], order[num_visual:]
+
+
+def _bottleneck_mlp(d: int) -> nn.Sequential:
+    """Linear(d, d) -> GELU (erf) -> Linear(d, 2d): outputs [mu, log sigma^2]."""
+    return nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2 * d))
+
+
+class VittleBottleneck(nn.Module):
+    """Per-modality stochastic bottleneck. Parameters: ``mlp_v``, ``mlp_t`` and, for a learnable
+    prior, ``prior_mu_v``, ``prior_logvar_v``, ``prior_mu_t``, ``prior_logvar_t`` ([d], zero init)."""
+
+    def __init__(self, hidden_size: int, config: VittleConfig):
+        super().__init__()
+        if not isinstance(config, VittleConfig):
+            raise TypeError(f"config must be a VittleConfig, got {type(config).__name__}")
+        self.config = config
+        self.mlp_v = _bottleneck_mlp(hidden_size)
+        self.mlp_t = _bottleneck_mlp(hidden_size)
+        for suffix in _SUFFIX.values():
+            for name in (f"prior_mu_{suffix}", f"prior_logvar_{suffix}"):
+                param = nn.Parameter(torch.zeros(hidden_size)) if config.prior == "learnable" else None
+                self.register_parameter(name, param)
+
+    def reset_parameters(self) -> None:
+        """Fresh initialisation: default ``nn.Linear`` init for the MLPs, zero priors."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        for name, param in self.named_parameters(recurse=False):
+            nn.init.zeros_(param)
+
+    def mlp(self, modality: str) -> nn.Sequential:
+        return getattr(self, f"mlp_{_SUFFIX[modality]}")
+
+    def prior(self, modality: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        suffix = _SUFFIX[modality]
+        return getattr(self, f"prior_mu_{suffix}"), getattr(self, f"prior_logvar_{suffix}")
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        modality: str,
+        rows: torch.Tensor,
+        kl_mask: torch.Tensor,
+        *,
+        alpha: float,
+        noise_seed: int,
+        noise_offset: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bottleneck the ``rows`` of ``hidden`` [N, D] that belong to ``modality``.
+
+        Args:
+            hidden: flat token hidden states [N, D].
+            modality: ``"visual"`` or ``"text"`` (picks the MLP, the prior and the noise stream).
+            rows: int64 [n] row indices of this modality's tokens.
+            kl_mask: bool [n]: which of those tokens the KL mean runs over.
+            alpha: interpolation weight in [0, 1]; noise_seed / noise_offset: the step's Philox stream.
+
+        Returns:
+            ``(hidden with the rows replaced, KL mean over the masked tokens (fp32, 0 when none))``.
+            Eval mode uses the posterior mean (no noise).
+        """
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if hidden.ndim != 2:
+            raise ValueError(f"hidden must be flat token rows [N, D], got shape {tuple(hidden.shape)}")
+        if rows.shape != kl_mask.shape:
+            raise ValueError(f"rows {tuple(rows.shape)} and kl_mask {tuple(kl_mask.shape)} must match")
+        tokens = hidden.index_select(0, rows)
+        prior_mu, prior_logvar = self.prior(modality)
+        z_hat, kl = vib_sample_kl(
+            tokens,
+            self.mlp(modality)(tokens),
+            alpha,
+            seed=noise_seed,
+            offset=noise_offset + (NOISE_CALL_INDEX[modality] << NOISE_CALL_SHIFT),
+            prior_mu=prior_mu,
+            prior_logvar=prior_logvar,
+            logvar_clamp=self.config.logvar_clamp,
+            kl_form=self.config.kl_form,
+            sample=self.training,
+            backend=self.config.backend,
+        )
+        kl_sum = torch.where(kl_mask, kl, 0.0).sum()  # where, not a product: padding rows may hold anything
+        kl_mean = kl_sum / kl_mask.sum().clamp(min=1).to(kl.dtype)
+        return hidden.index_copy(0, rows, z_hat), kl_mean
