@@ -59,7 +59,7 @@ def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
         "data.micro_batch_size=1", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
         "model.num_heads=2", "model.num_kv_heads=1", "model.vision_hidden_size=16",
         "model.vision_intermediate_size=32", "model.vision_layers=2", "model.vision_heads=2",
-        "model.image_size=16", "model.patch_size=8", "vittle.layer_v=0", "vittle.layer_t=0",
+        "model.image_size=16", "model.patch_size=8", "vittle.layer_v=0", "vittle.layer_t=0", "vittle.backend=reference",
         "optim.lr=1e-3", "optim.warmup_steps=1", "parallel.param_dtype=float32", "logging.log_every=1",
         "logging.progress_bar=false", "logging.plot=false", "checkpoint.export_safetensors=false",
         *extra,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,10 +12,11 @@ from vittle_fast import models
 from vittle_fast.models.llava import LlavaVittle
 from vittle_fast.data.collate import LlavaCollator
 from vittle_fast.data.dataset import LlavaDataset
+from vittle_fast.data.demo import make_demo_dataset
 from vittle_fast.data.sampler import LengthGroupedSampler
 from vittle_fast.nn import VittleConfig
 
-from .config import TrainConfig
+from .config import TrainConfig, apply_overrides
 
 
 def vittle_config(cfg: TrainConfig, num_layers: int):
@@ -147,19 +147,22 @@ class BatchStream:
         self._iterator = None
 
 
-def prepare_demo_data(cfg: TrainConfig, is_main: bool) -> None:
-    """Generate the synthetic demo set (rank 0) when `data.demo` is on and it is missing."""
-    if cfg.data.demo and is_main and not Path(cfg.data.data_path).is_file():
-        from vittle_fast.data import make_demo_dataset
-
-        make_demo_dataset(Path(cfg.data.data_path).parent, num_samples=cfg.data.demo_num_samples,
-                          image_size=vision_geometry(cfg)[0], seed=cfg.seed)
+def resolve_demo_data(cfg: TrainConfig, is_main: bool) -> TrainConfig:
+    """With `data.demo`, make the synthetic demo set once (rank 0; reused when present) and point
+    the data paths at it. Collective."""
+    if not cfg.data.demo:
+        return cfg
+    if is_main:
+        make_demo_dataset(cfg.data.demo_dir, n_train=cfg.data.demo_num_samples, seed=cfg.seed)
     dist.barrier()
+    paths = make_demo_dataset(cfg.data.demo_dir, n_train=cfg.data.demo_num_samples, seed=cfg.seed)
+    return apply_overrides(cfg, {"data.data_path": str(paths.train_json),
+                                 "data.image_folder": str(paths.image_folder),
+                                 "data.tokenizer": str(paths.tokenizer_dir)})
 
 
-def build_data(cfg: TrainConfig, rank: int, world_size: int, is_main: bool) -> BatchStream:
+def build_data(cfg: TrainConfig, rank: int, world_size: int) -> BatchStream:
     """Dataset -> length-grouped modality-aware sampler -> collator -> DataLoader for this rank."""
-    prepare_demo_data(cfg, is_main)
     tokenizer = load_tokenizer(cfg)
     image_size, patch_size = vision_geometry(cfg)
     d = cfg.data

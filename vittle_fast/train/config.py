@@ -69,20 +69,21 @@ class VittleSection:
 
 @dataclass
 class DataSection:
-    """LLaVA-format instruction data. `demo=true` generates the synthetic demo set when missing."""
+    """LLaVA-format instruction data, or (`demo=true`) the synthetic demo set, made when missing."""
 
-    data_path: str = "outputs/demo_data/train.json"
-    image_folder: str = "outputs/demo_data"
-    tokenizer: str = "outputs/demo_data/tokenizer"
-    demo: bool = True
-    demo_num_samples: int = 2000
-    template: str = "vicuna_v1"
-    max_length: int = 128
+    data_path: str = ""  # LLaVA JSON; image paths inside are relative to image_folder
+    image_folder: str = ""  # "" = the JSON's directory
+    tokenizer: str = ""  # "" = the model directory's tokenizer
+    demo: bool = False  # true: generate/reuse the demo set in demo_dir and ignore the three paths above
+    demo_dir: str = "outputs/demo_data"
+    demo_num_samples: int = 1000
+    template: Literal["vicuna_v1", "chat_template"] = "vicuna_v1"
+    max_length: int = 2048
     micro_batch_size: int = 4  # per rank
     grad_accum_steps: int = 1
     mega_batch_mult: int = 8  # length grouping: sort within groups of this many global batches
     packing: bool = False
-    strict: bool = False
+    strict: bool = False  # raise on a bad record instead of skipping and counting it
     num_workers: int = 0
 
 
@@ -158,6 +159,8 @@ class TrainConfig:
             raise ValueError(f"vittle.alpha_end must be in [0, 1], got {self.vittle.alpha_end}")
         if self.model.stage == 1 and self.vittle.enabled:
             raise ValueError("vittle.enabled requires model.stage=2 (stage 1 trains only the projector)")
+        if not self.data.demo and not self.data.data_path:
+            raise ValueError("data.data_path is required (or data.demo=true for the synthetic demo set)")
         if self.model.source == "hf_llava" and not self.model.path:
             raise ValueError("model.path is required when model.source=hf_llava")
         if self.model.source == "hf_parts" and not (self.model.llm_path and self.model.vision_path):

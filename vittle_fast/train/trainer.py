@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .build import build_data, build_model, count_params, trainable_parameters
+from .build import build_data, build_model, count_params, resolve_demo_data, trainable_parameters
 from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, save_yaml, to_dict
 from .metrics import (
@@ -48,6 +48,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    cfg = resolve_demo_data(cfg, info.is_main)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     if info.is_main:
@@ -55,7 +56,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         save_yaml(cfg, out_dir / "config.yaml")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP shards them)
 
-    data = build_data(cfg, info.rank, info.world_size, info.is_main)
+    data = build_data(cfg, info.rank, info.world_size)
     model = build_model(cfg, vocab_size=data.vocab_size, image_token_id=data.image_token_id)
     model.validate_inputs = False  # the collator expands <image> itself; the check costs a host sync
     llm_params = count_params(model.language_model)
