@@ -1,15 +1,15 @@
 """Ahead-of-time compile of the op's Triton kernels for sm_80 / sm_90, with no GPU.
 
-    python -m vittle_fast.ops.triton.aot            # representative subset (~30 s)
+    python -m vittle_fast.ops.triton.aot            # representative subset (~15-30 s)
     python -m vittle_fast.ops.triton.aot --full     # every variant the GPU launcher can pick
 
 Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 exactly as the JIT would specialise a real call (16-byte aligned pointers, D % 16 == 0 as for
 Llama widths, no prior pointers for the fixed prior); the cubin's registers, stack, local memory
-and shared memory come from the ``cuobjdump`` bundled in the triton wheel, spills from the ``ptxas``
-report of the same PTX, and the widest global load/store from the PTX. Prints a Markdown table;
-exits 1 if any variant spills. Must run WITHOUT ``TRITON_INTERPRET=1`` (the interpreter replaces
-the jit functions).
+and shared memory come from the ``cuobjdump`` bundled in the triton wheel, spills from ``ptxas -v``
+on the same PTX (the bundled ptxas Triton itself uses for that arch), the widest global load/store
+(vectorisation) from the PTX. Prints a Markdown table; exits 1 if any variant spills.
+Must run WITHOUT ``TRITON_INTERPRET=1`` (the interpreter replaces the jit functions).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import sm_arch_from_capability
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
 from . import vib_sample_kl as op
@@ -94,10 +94,10 @@ def _run(tool: str, *args: str) -> str:
     return subprocess.run([str(NVIDIA_BIN / tool), *args], check=True, capture_output=True, text=True).stdout
 
 
-def _widest_access(ptx: str, kind: str) -> int:
-    """Widest vector (elements) of any ``ld.global`` / ``st.global`` in the PTX (1 = scalar)."""
-    widths = [int(v) for v in re.findall(rf"{kind}\.global(?:\.\w+)*?\.v(\d)", ptx)]
-    return max(widths, default=1)
+def _widest_access_bytes(ptx: str, kind: str) -> int:
+    """Bytes moved by the widest ``ld.global`` / ``st.global`` instruction of the PTX."""
+    accesses = re.findall(rf"\b{kind}\.global(?:\.nc)?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)
+    return max((int(vec or 1) * int(bits) // 8 for vec, bits in accesses), default=0)
 
 
 def resource_usage(variant: Variant, workdir: Path) -> dict:
@@ -109,22 +109,23 @@ def resource_usage(variant: Variant, workdir: Path) -> dict:
     ptx_file.write_text(compiled.asm["ptx"])
     usage = _run("cuobjdump", "--dump-resource-usage", str(cubin))
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    ptxas = subprocess.run([str(NVIDIA_BIN / "ptxas"), "-v", f"--gpu-name={sm_arch_from_capability(variant.cc)}",
+    ptxas = subprocess.run([get_ptxas(variant.cc).path, "-v", f"--gpu-name={sm_arch_from_capability(variant.cc)}",
                             str(ptx_file), "-o", os.devnull], check=True, capture_output=True, text=True).stderr
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
     return {"regs": int(fields["REG"]), "spill_bytes": spills, "stack": int(fields["STACK"]),
             "local": int(fields["LOCAL"]), "shared": int(fields["SHARED"]),
-            "ld_vec": _widest_access(compiled.asm["ptx"], "ld"), "st_vec": _widest_access(compiled.asm["ptx"], "st")}
+            "ld_bytes": _widest_access_bytes(compiled.asm["ptx"], "ld"),
+            "st_bytes": _widest_access_bytes(compiled.asm["ptx"], "st")}
 
 
 COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "BLOCK", "ROWS", "warps",
-           "regs", "spill B", "stack B", "local B", "shared B", "ld vec", "st vec", "compile s")
+           "regs", "spill B", "stack B", "local B", "shared B", "widest ld B", "widest st B")
 
 
-def table_row(variant: Variant, usage: dict, seconds: float) -> list:
+def table_row(variant: Variant, usage: dict) -> list:
     return [variant.kernel, variant.cc, variant.dtype, "learnable" if variant.learnable_prior else "fixed",
             variant.sample, variant.block, variant.rows, op.GPU_NUM_WARPS, usage["regs"], usage["spill_bytes"],
-            usage["stack"], usage["local"], usage["shared"], usage["ld_vec"], usage["st_vec"], f"{seconds:.1f}"]
+            usage["stack"], usage["local"], usage["shared"], usage["ld_bytes"], usage["st_bytes"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,14 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the jit functions")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
-    spilled = 0
+    spilled, start, chosen = 0, time.perf_counter(), variants(args.full)
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in variants(args.full):
-            start = time.perf_counter()
+        for variant in chosen:
             usage = resource_usage(variant, Path(tmp))
-            row = table_row(variant, usage, time.perf_counter() - start)
-            print("| " + " | ".join(str(cell) for cell in row) + " |", flush=True)
+            print("| " + " | ".join(str(cell) for cell in table_row(variant, usage)) + " |", flush=True)
             spilled += usage["spill_bytes"] > 0 or usage["local"] > 0
+    print(f"\n{len(chosen)} variants, {spilled} spilling, {time.perf_counter() - start:.0f} s")
     return 1 if spilled else 0
 
 

@@ -216,8 +216,10 @@ class LaunchConfig:
         return ROW_INTERLEAVE * triton.cdiv(rows_per_phase, self.rows * self.tiles_per_program)
 
 
-GPU_TILE_ELEMENTS = 1024  # 8 fp32 values per thread per operand at 4 warps: no spills (docs/triton.md)
-GPU_NUM_WARPS = 4
+# 1024 = 4 * 32 * 8 warps: each thread owns one Philox group (4 consecutive elements, one randn4x,
+# 8-byte bf16 / 16-byte fp32 accesses). 58-80 registers, no spills on sm_80/sm_90 (docs/triton.md).
+GPU_TILE_ELEMENTS = 1024
+GPU_NUM_WARPS = 8
 GPU_MAX_BLOCK = 1024
 GPU_PROGRAMS_PER_SM = 4  # backward with a learnable prior: bounds the [programs, 2, D] partials
 INTERPRETER_TILE_ELEMENTS = 1 << 16  # one numpy op per tile; the interpreter's cost is per op
