@@ -1,0 +1,124 @@
+"""VittleBottleneck vs the reference math (vittle_fast.ops.reference), token by token, every backend."""
+import pytest
+import torch
+from tolerances import TOL
+
+from vittle_fast.nn import VittleBottleneck, VittleConfig
+from vittle_fast.nn.bottleneck import NOISE_CALL_INDEX, NOISE_CALL_SHIFT, split_token_rows
+from vittle_fast.ops import available_backends
+from vittle_fast.ops.philox import normal_noise
+from vittle_fast.ops.reference import vib_sample_kl_reference
+
+D = 16
+SEED, OFFSET, ALPHA = 1234, 3 << 44, 0.4
+
+
+def make_bottleneck(backend, prior="fixed", kl_form="standard") -> VittleBottleneck:
+    bottleneck = VittleBottleneck(D, VittleConfig(layer_v=0, layer_t=0, prior=prior, kl_form=kl_form, backend=backend))
+    if prior == "learnable":  # non-zero priors, so a wrong prior would show
+        with torch.no_grad():
+            for name, param in bottleneck.named_parameters(recurse=False):
+                param.normal_(0.0, 0.5)
+    return bottleneck
+
+
+def reference_bottleneck(bottleneck, hidden, modality, rows, kl_mask, sample):
+    """The module's contract spelled with plain tensors: gather, MLP, reference op, scatter, masked mean."""
+    tokens = hidden[rows]
+    stats = bottleneck.mlp(modality)(tokens)
+    noise = None
+    if sample:
+        offset = OFFSET + (NOISE_CALL_INDEX[modality] << NOISE_CALL_SHIFT)
+        noise = normal_noise(SEED, offset, len(rows), D)
+    prior_mu, prior_logvar = bottleneck.prior(modality)
+    z_hat, kl = vib_sample_kl_reference(tokens, stats, ALPHA, noise, prior_mu, prior_logvar,
+                                        bottleneck.config.logvar_clamp, bottleneck.config.kl_form, sample)
+    out = hidden.clone()
+    out[rows] = z_hat
+    return out, kl[kl_mask].mean() if kl_mask.any() else kl.sum() * 0
+
+
+def gradients(outputs, tensors):
+    out, kl = outputs
+    loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + 3.0 * kl
+    return torch.autograd.grad(loss, tensors, allow_unused=False)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("modality", ["visual", "text"])
+@pytest.mark.parametrize("prior,kl_form", [("fixed", "standard"), ("learnable", "released")])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_reference_token_by_token(backend, modality, prior, kl_form, training):
+    bottleneck = make_bottleneck(backend, prior, kl_form).train(training)
+    hidden = torch.randn(13, D, requires_grad=True)
+    rows = torch.tensor([2, 3, 4, 7, 8, 11])  # not contiguous, not at the start
+    kl_mask = torch.tensor([True, False, True, True, False, True])
+
+    got = bottleneck(hidden, modality, rows, kl_mask, alpha=ALPHA, noise_seed=SEED, noise_offset=OFFSET)
+    expected = reference_bottleneck(bottleneck, hidden, modality, rows, kl_mask, sample=training)
+    torch.testing.assert_close(got[0], expected[0], **TOL["float32"])
+    torch.testing.assert_close(got[1], expected[1], **TOL["float32"])
+    untouched = torch.ones(13, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(got[0][untouched], hidden[untouched])
+
+    params = [hidden, *bottleneck.mlp(modality).parameters()] + [p for p in bottleneck.prior(modality) if p is not None]
+    for g, e in zip(gradients(got, params), gradients(expected, params)):
+        torch.testing.assert_close(g, e, **TOL["fp32_sum"])
+
+
+def test_visual_and_text_calls_draw_different_noise():
+    bottleneck = make_bottleneck("reference")
+    hidden = torch.zeros(4, D)
+    rows, mask = torch.arange(4), torch.ones(4, dtype=torch.bool)
+    with torch.no_grad():  # identical MLPs and inputs: any difference comes from the noise stream
+        bottleneck.mlp_t.load_state_dict(bottleneck.mlp_v.state_dict())
+        visual, _ = bottleneck(hidden, "visual", rows, mask, alpha=1.0, noise_seed=SEED, noise_offset=OFFSET)
+        text, _ = bottleneck(hidden, "text", rows, mask, alpha=1.0, noise_seed=SEED, noise_offset=OFFSET)
+    assert not torch.allclose(visual, text)
+
+
+def test_empty_modality_gives_zero_gradients_not_none():
+    bottleneck = make_bottleneck("reference", prior="learnable")
+    hidden = torch.randn(5, D, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.int64)
+    out, kl = bottleneck(hidden, "visual", empty, empty.bool(), alpha=ALPHA, noise_seed=SEED)
+    assert torch.equal(out, hidden) and kl.item() == 0.0
+    (out.sum() + kl).backward()
+    for name, param in bottleneck.named_parameters():
+        if name.startswith("mlp_v") or name.endswith("_v"):
+            assert param.grad is not None and not param.grad.any(), name
+
+
+def test_kl_mean_is_zero_when_no_token_is_selected():
+    bottleneck = make_bottleneck("reference")
+    hidden = torch.randn(5, D)
+    _, kl = bottleneck(hidden, "text", torch.arange(5), torch.zeros(5, dtype=torch.bool), alpha=ALPHA, noise_seed=1)
+    assert kl.item() == 0.0
+
+
+def test_split_token_rows_keeps_sequence_order():
+    is_visual = torch.tensor([[False, True, True, False], [True, False, False, True]])
+    visual, other = split_token_rows(is_visual, 4)
+    flat = is_visual.flatten()
+    assert torch.equal(visual, flat.nonzero().squeeze(1))
+    assert torch.equal(other, (~flat).nonzero().squeeze(1))
+
+
+def test_config_and_argument_validation():
+    with pytest.raises(ValueError, match="prior"):
+        VittleConfig(layer_v=1, layer_t=1, prior="gaussian")
+    with pytest.raises(ValueError, match="kl_text_tokens"):
+        VittleConfig(layer_v=1, layer_t=1, kl_text_tokens="response")
+    with pytest.raises(ValueError, match="layer_v"):
+        VittleConfig(layer_v=-1, layer_t=1)
+    with pytest.raises(ValueError, match="logvar_clamp"):
+        VittleConfig(layer_v=1, layer_t=1, logvar_clamp=(2.0, -2.0))
+    with pytest.raises(TypeError, match="VittleConfig"):
+        VittleBottleneck(D, {"layer_v": 1})
+    bottleneck = make_bottleneck("reference")
+    with pytest.raises(ValueError, match="modality"):
+        bottleneck(torch.randn(3, D), "audio", torch.arange(3), torch.ones(3, dtype=torch.bool), alpha=0.1, noise_seed=0)
+    with pytest.raises(ValueError, match="flat token rows"):
+        bottleneck(torch.randn(1, 3, D), "text", torch.arange(3), torch.ones(3, dtype=torch.bool), alpha=0.1,
+                   noise_seed=0)
