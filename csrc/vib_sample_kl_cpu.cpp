@@ -157,22 +157,22 @@ BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad
     });
   });
 
-  if (!call.learnable_prior) {
-    at::Tensor none = at::empty({0}, fp32);
-    return {grad_h, grad_stats, none, none};
+  // Two separate tensors: outputs of an op must not alias each other.
+  at::Tensor grad_prior_mu = at::empty({prior_size}, fp32);
+  at::Tensor grad_prior_logvar = at::empty({prior_size}, fp32);
+  if (call.learnable_prior) {
+    // Fixed-order reduction over chunks (column-parallel; each column sums its chunks in order).
+    const float* part = partials.const_data_ptr<float>();
+    float* outputs[2] = {grad_prior_mu.mutable_data_ptr<float>(), grad_prior_logvar.mutable_data_ptr<float>()};
+    at::parallel_for(0, 2 * d, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t col = begin; col < end; ++col) {
+        double total = 0.0;
+        for (int64_t chunk = 0; chunk < n_chunks; ++chunk) total += part[chunk * 2 * d + col];
+        outputs[col / d][col % d] = static_cast<float>(total);
+      }
+    });
   }
-  // Fixed-order reduction over chunks (column-parallel; each column sums its chunks in order).
-  at::Tensor prior_grads = at::empty({2, prior_size}, fp32);
-  const float* part = partials.const_data_ptr<float>();
-  float* out = prior_grads.mutable_data_ptr<float>();
-  at::parallel_for(0, 2 * d, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t col = begin; col < end; ++col) {
-      double total = 0.0;
-      for (int64_t chunk = 0; chunk < n_chunks; ++chunk) total += part[chunk * 2 * d + col];
-      out[col] = static_cast<float>(total);
-    }
-  });
-  return {grad_h, grad_stats, prior_grads[0], prior_grads[1]};
+  return {grad_h, grad_stats, grad_prior_mu, grad_prior_logvar};
 }
 
 }  // namespace vittle_fast
