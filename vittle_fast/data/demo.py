@@ -66,10 +66,9 @@ def random_scene(rng: random.Random) -> list[DemoObject]:
 def render_scene(scene: list[DemoObject], image_size: int, rng: random.Random) -> Image.Image:
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    half, radius = image_size / 2, image_size / 6
+    half, radius, jitter = image_size / 2, image_size / 6, image_size / 16
     for obj in scene:
         column, row = QUADRANTS[obj.quadrant]
-        jitter = image_size / 16
         cx = half * column + half / 2 + rng.uniform(-jitter, jitter)
         cy = half * row + half / 2 + rng.uniform(-jitter, jitter)
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
