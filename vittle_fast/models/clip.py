@@ -43,7 +43,7 @@ class CLIPEmbeddings(nn.Module):
 class CLIPAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
@@ -51,10 +51,10 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = (proj(x).view(batch, seq, self.num_heads, -1).transpose(1, 2)
+        q, k, v = (proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v)  # bidirectional
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
 class CLIPMLP(nn.Module):
