@@ -81,6 +81,23 @@ BackwardResult fused_sample_kl_bwd(const at::Tensor& grad_z_hat, const at::Tenso
   return backward_cpu(grad_z_hat, grad_kl, stats, prior_mu, prior_logvar, call);
 }
 
+// The raw Philox4x32-10 words for int64 counters ([n] -> int64 [n, 4], values in [0, 2**32)), so
+// tests can compare this header's generator bit for bit with Triton's tl.randint4x.
+at::Tensor philox_uint32(int64_t seed, const at::Tensor& counters) {
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 1 && counters.device().is_cpu(),
+              "counters must be a 1-D int64 CPU tensor, got ", counters.scalar_type(), " ", counters.sizes());
+  const at::Tensor c = counters.contiguous();
+  at::Tensor out = at::empty({c.size(0), 4}, c.options());
+  const int64_t* in = c.const_data_ptr<int64_t>();
+  int64_t* words = out.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    const Uint4x32 bits = philox4x32_10(seed, static_cast<uint64_t>(in[i]));
+    const uint32_t lanes[4] = {bits.x0, bits.x1, bits.x2, bits.x3};
+    for (int l = 0; l < 4; ++l) words[4 * i + l] = lanes[l];
+  }
+  return out;
+}
+
 // Shape-only implementations so torch.compile / FakeTensor can trace the ops.
 ForwardResult fused_sample_kl_fwd_meta(const at::Tensor& h, const at::Tensor& stats, double, int64_t, int64_t,
                                        const OptionalTensor&, const OptionalTensor&, double, double, double, bool) {
@@ -107,11 +124,13 @@ TORCH_LIBRARY_FRAGMENT(vittle_fast, m) {
       "fused_sample_kl_bwd(Tensor grad_z_hat, Tensor grad_kl, Tensor stats, float alpha, int seed, int offset, "
       "Tensor? prior_mu, Tensor? prior_logvar, float clamp_lo, float clamp_hi, float kl_logvar_coef, bool sample) "
       "-> (Tensor grad_h, Tensor grad_stats, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
+  m.def("philox_uint32(int seed, Tensor counters) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vittle_fast, CPU, m) {
   m.impl("fused_sample_kl_fwd", &fused_sample_kl_fwd);
   m.impl("fused_sample_kl_bwd", &fused_sample_kl_bwd);
+  m.impl("philox_uint32", &philox_uint32);
 }
 
 #ifdef VITTLE_FAST_WITH_CUDA

@@ -1,0 +1,201 @@
+"""The compiled backend (csrc/): CUDA kernels compile for sm_80/sm_90 without spills, the full CUDA
+extension links and loads against a CUDA build of torch (slow), and the C++ kernel agrees with the
+Triton backend (interpreter) bit for bit on the Philox stream and within tolerance elsewhere.
+
+Correctness against the reference is the shared suite's job (tests/test_vib_sample_kl.py).
+"""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import TOL
+
+from vittle_fast.ops import cpp
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS_ONLY = ROOT / "csrc" / "vib_sample_kl_kernels_only.cu"
+ARCHS = ("80", "90")
+CLAMP = (-2.3025, 2.3025)
+
+needs_cpp = pytest.mark.skipif(not cpp.is_available(), reason=f"C++ extension unavailable: {cpp.load_error()}")
+
+
+def _triton_backend():
+    from vittle_fast.ops import triton as triton_backend
+
+    if not triton_backend.is_available():
+        pytest.skip(f"Triton backend unavailable: {triton_backend.load_error()}")
+    return triton_backend
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA toolchain
+# ------------------------------------------------------------------------------------------------
+def parse_ptxas_report(text: str) -> list[dict]:
+    """One dict per compiled kernel: arch, kernel, registers, spill stores/loads, stack frame."""
+    entries = []
+    for match in re.finditer(
+        r"Compiling entry function '(?P<kernel>[^']+)' for 'sm_(?P<arch>\d+)'\s*\n"
+        r".*?(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads\s*\n"
+        r".*?Used (?P<regs>\d+) registers",
+        text,
+        flags=re.DOTALL,
+    ):
+        entries.append({k: (v if k == "kernel" else int(v)) for k, v in match.groupdict().items()})
+    return entries
+
+
+def test_ptxas_report_parser_reads_spills():
+    """The parser must see spills when ptxas reports them, or the no-spill test could never fail."""
+    report = (
+        "ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z1kv\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 0 barriers\n"
+    )
+    assert parse_ptxas_report(report) == [
+        {"kernel": "_Z1kv", "arch": 90, "stack": 8, "stores": 4, "loads": 12, "regs": 255}
+    ]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: CUDA kernels not compiled")
+def test_cuda_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    result = subprocess.run(
+        ["nvcc", "-c", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v", *gencode,
+         str(KERNELS_ONLY), "-o", str(tmp_path / "kernels.o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    entries = parse_ptxas_report(result.stderr)
+    print(f"\n{'arch':>5} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}  kernel")
+    for e in entries:
+        print(f"sm_{e['arch']:<2} {e['regs']:>5} {e['stack']:>6} {e['stores']:>9} {e['loads']:>9}  {e['kernel']}")
+    # 2 directions x 3 dtypes x (vector, scalar) + the reduction kernel, for each architecture.
+    assert sorted({e["arch"] for e in entries}) == [int(a) for a in ARCHS]
+    assert len(entries) == len(ARCHS) * 13
+    spilling = [e for e in entries if e["stores"] or e["loads"]]
+    assert not spilling, f"kernels spill registers: {spilling}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: cannot build the CUDA extension")
+def test_cuda_extension_builds_links_and_loads():
+    """Builds vittle_fast._C with its CUDA kernels against torch==2.14.1 (CUDA 13) in a separate venv,
+    loads it with torch.ops.load_library and checks CPU, CUDA and Meta kernels are registered."""
+    result = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "build_cuda_extension.sh")],
+        capture_output=True, text=True, timeout=3000, env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "OK: CUDA extension built, linked and loaded" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-backend agreement (C++ vs Triton interpreter)
+# ------------------------------------------------------------------------------------------------
+@needs_cpp
+def test_philox_known_answer():
+    """Random123's Philox4x32-10 known-answer vector: counter 0, key 0 (kat_vectors)."""
+    words = torch.ops.vittle_fast.philox_uint32(0, torch.zeros(1, dtype=torch.int64))
+    assert words.tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
+
+
+@needs_cpp
+def test_philox_stream_matches_triton_randint4x():
+    _triton_backend()
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def randint4x_kernel(out_ptr, counters_ptr, seed, n, BLOCK: tl.constexpr):
+        idx = tl.arange(0, BLOCK)
+        mask = idx < n
+        counters = tl.load(counters_ptr + idx, mask=mask, other=0).to(tl.uint64)
+        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        for lane, r in enumerate((r0, r1, r2, r3)):
+            tl.store(out_ptr + idx * 4 + lane, r.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+
+    counters = torch.tensor([0, 1, 2, 3, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 7, 2**62 + 3], dtype=torch.int64)
+    for seed in (0, 123456789, -(2**62) - 17, 2**63 - 1):
+        expected = torch.zeros(counters.numel(), 4, dtype=torch.int64)
+        randint4x_kernel[(1,)](expected, counters, seed, counters.numel(), BLOCK=16)
+        actual = torch.ops.vittle_fast.philox_uint32(seed, counters)
+        assert torch.equal(actual, expected & 0xFFFFFFFF), f"seed {seed}"
+
+
+def _inputs(n, d, dtype, learnable_prior, generator_seed=0):
+    g = torch.Generator().manual_seed(generator_seed)
+    h = torch.randn(n, d, generator=g).to(dtype)
+    stats = torch.cat([torch.randn(n, d, generator=g), 3.0 * torch.randn(n, d, generator=g)], dim=-1).to(dtype)
+    priors = (0.5 * torch.randn(d, generator=g), 3.0 * torch.randn(d, generator=g)) if learnable_prior else (None, None)
+    grad_z = torch.randn(n, d, generator=g).to(dtype)
+    grad_kl = torch.randn(n, generator=g)
+    return h, stats, priors, grad_z, grad_kl
+
+
+@needs_cpp
+@pytest.mark.parametrize("n, d, offset", [(3, 64, 0), (5, 7, 2**33 + 1)])
+def test_noise_matches_triton_backend(n, d, offset):
+    """alpha = 1, mu = 0, lv = 0 makes z_hat the raw noise eps of each backend."""
+    triton_backend = _triton_backend()
+    h = torch.randn(n, d)
+    stats = torch.zeros(n, 2 * d)
+    args = (h, stats, 1.0, -987654321, offset, None, None, -float("inf"), float("inf"), 1.0, True)
+    eps_cpp, _ = cpp.forward(*args)
+    eps_triton, _ = triton_backend.forward(*args)
+    torch.testing.assert_close(eps_cpp, eps_triton, **TOL["noise"])
+
+
+@needs_cpp
+@pytest.mark.parametrize("learnable_prior", [False, True])
+def test_outputs_and_gradients_match_triton_backend(learnable_prior):
+    triton_backend = _triton_backend()
+    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = _inputs(6, 40, torch.float32, learnable_prior)
+    scalars = (0.7, 2**40 + 3, 12, prior_mu, prior_logvar, *CLAMP, 0.5, True)
+    results = {}
+    for name, backend in (("cpp", cpp), ("triton", triton_backend)):
+        z_hat, kl = backend.forward(h, stats, *scalars)
+        grads = backend.backward(grad_z, grad_kl, stats, *scalars)
+        results[name] = (z_hat, kl, *grads)
+    for got, expected in zip(results["cpp"], results["triton"]):
+        if expected is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, expected, **TOL["float32"])
+
+
+@needs_cpp
+def test_results_do_not_depend_on_the_thread_count():
+    """Prior gradients are reduced over fixed-size row chunks in a fixed order: bitwise equal
+    whatever the number of threads (N spans several chunks)."""
+    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = _inputs(300, 33, torch.float32, True)
+    scalars = (0.3, 5, 0, prior_mu, prior_logvar, *CLAMP, 1.0, True)
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append((*cpp.forward(h, stats, *scalars), *cpp.backward(grad_z, grad_kl, stats, *scalars)))
+    finally:
+        torch.set_num_threads(previous)
+    for single, multi in zip(*runs):
+        assert torch.equal(single, multi)
+
+
+@needs_cpp
+def test_meta_kernels_give_output_shapes():
+    """The Meta registrations let FakeTensor / torch.compile trace the raw ops."""
+    h = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
+    stats = torch.empty(4, 16, device="meta", dtype=torch.bfloat16)
+    prior = torch.empty(8, device="meta")
+    z_hat, kl = torch.ops.vittle_fast.fused_sample_kl_fwd(h, stats, 0.5, 1, 0, None, None, *CLAMP, 1.0, True)
+    assert (z_hat.shape, z_hat.dtype, kl.shape, kl.dtype) == (h.shape, h.dtype, (4,), torch.float32)
+    grads = torch.ops.vittle_fast.fused_sample_kl_bwd(
+        h, torch.empty(4, device="meta"), stats, 0.5, 1, 0, prior, prior, *CLAMP, 1.0, True
+    )
+    assert [tuple(g.shape) for g in grads] == [(4, 8), (4, 16), (8,), (8,)]
