@@ -306,12 +306,12 @@ def llava_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, devic
 def _released_unused_prefixes(vittle: VittleConfig | None) -> dict[str, None]:
     """Released keys to skip: the bottleneck when none is wanted; the priors unless learnable
     (the released trainer stores zero priors even for fixed-prior "F" runs)."""
-    unused = {}
+    skipped = ("model.learnable_prior.",)
     if vittle is None:
-        unused.update({"model.bottleneck_layer_v.": None, "model.bottleneck_layer_t.": None})
-    if vittle is None or vittle.prior == "fixed":
-        unused["model.learnable_prior."] = None
-    return unused
+        skipped += ("model.bottleneck_layer_",)
+    elif vittle.prior == "learnable":
+        skipped = ()
+    return {prefix: None for prefix in RELEASED_VITTLE_PREFIXES if prefix.startswith(skipped)}
 
 
 def _has_prefix(path: Path, prefix: str) -> bool:
