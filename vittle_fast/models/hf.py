@@ -334,14 +334,9 @@ _SAVE_PREFIXES = {
 
 
 def _hf_config(model: nn.Module) -> dict:
-    if isinstance(model, Llama):
-        config = model.config.to_dict()
-        config["architectures"] = ["LlamaForCausalLM"]
-        return config
-    if isinstance(model, CLIPVisionTower):
-        config = model.config.to_dict()
-        config["architectures"] = ["CLIPVisionModel"]
-        return config
+    architecture = {Llama: "LlamaForCausalLM", CLIPVisionTower: "CLIPVisionModel"}.get(type(model))
+    if architecture is not None:
+        return {**model.config.to_dict(), "architectures": [architecture]}
     config = transformers.LlavaConfig(
         text_config=model.language_model.config, vision_config=model.vision_tower.config,
         image_token_index=model.image_token_id, vision_feature_layer=model.vision_feature_layer,

@@ -65,6 +65,10 @@ class BottleneckHook:
     Built for one sequence batch (the prompt, during generation): ``is_visual`` [B, P] marks the image
     tokens, ``kl_masks`` [B, P] per modality the tokens whose KL counts. Chunks that start after
     position 0 (cached decoding) contain only newly generated text. Records ``kl[modality]``.
+
+    The text call covers every non-image position, padding included: its row count is then known on
+    the host (B*S - images x patches) and needs no sync. Padding never enters a KL mean, and no valid
+    token attends to it, so transforming it changes nothing.
     """
 
     def __init__(self, bottleneck: VittleBottleneck, is_visual: torch.Tensor, num_visual: int,
