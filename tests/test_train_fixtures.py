@@ -68,6 +68,6 @@ def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
 
 def torchrun(nproc: int, args: list[str], timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", "0", "-m", "vittle_fast.train", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "vittle_fast.train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
