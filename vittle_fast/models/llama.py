@@ -382,15 +382,16 @@ class Llama(nn.Module):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = hidden.shape[:2]
         start = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None and position_ids is not None:
+            raise ValueError("position_ids are not supported with a KV cache (positions follow the cache)")
+        if attention_mask is not None and attention_mask.shape != (batch, start + seq):
+            raise ValueError(f"attention_mask must be [B, cached + new tokens] = {(batch, start + seq)}, "
+                             f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = torch.arange(start, start + seq, device=hidden.device).expand(batch, seq)
             segment_ids = segment_ids_from(None, attention_mask, (batch, start + seq), hidden.device)
         else:
-            if kv_cache is not None:
-                raise ValueError("position_ids are not supported with a KV cache (positions follow the cache)")
             segment_ids = segment_ids_from(position_ids, attention_mask, (batch, seq), hidden.device)
-        if kv_cache is not None and attention_mask is not None and attention_mask.shape[1] != start + seq:
-            raise ValueError("with a KV cache, attention_mask must cover the cached and the new tokens")
         cos, sin = self.rope(position_ids, hidden.dtype)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, segment_ids, kv_cache)

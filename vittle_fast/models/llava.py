@@ -145,14 +145,15 @@ class LlavaVittle(nn.Module):
             patches = self.vision_tower(pixel_values, self.vision_feature_layer)
         return self.projector(patches.to(self.projector.linear_1.weight.dtype)).flatten(0, 1)
 
-    def _check_inputs(self, input_ids, is_visual, num_images, labels, attention_mask, position_ids):
+    def _check_inputs(self, input_ids, pixel_values, labels=None, attention_mask=None, position_ids=None):
         if input_ids.ndim != 2 or input_ids.dtype != torch.int64:
             raise ValueError(f"input_ids must be int64 [B, S], got {input_ids.dtype} {tuple(input_ids.shape)}")
         for name, value in (("labels", labels), ("attention_mask", attention_mask), ("position_ids", position_ids)):
             if value is not None and value.shape != input_ids.shape:
                 raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(value.shape)}")
         if self.validate_inputs:
-            found = int(is_visual.sum())  # the one host sync of the forward
+            found = int((input_ids == self.image_token_id).sum())  # the one host sync of the forward
+            num_images = 0 if pixel_values is None else pixel_values.shape[0]
             expected = num_images * self.num_image_tokens
             if found != expected:
                 raise ValueError(
@@ -177,9 +178,7 @@ class LlavaVittle(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, pixel_values=None, *,
                 vittle_alpha: float = 0.0, noise_seed: int = 0, noise_offset: int = 0) -> LlavaOutput:
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        self._check_inputs(input_ids, input_ids == self.image_token_id, num_images, labels, attention_mask,
-                           position_ids)
+        self._check_inputs(input_ids, pixel_values, labels, attention_mask, position_ids)
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
         if self.bottleneck is not None:
@@ -215,8 +214,7 @@ class LlavaVittle(nn.Module):
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """New tokens [B, max_new_tokens] for equal-length prompts. Call ``eval()`` first: in eval mode
         the bottleneck uses the posterior mean with ``vittle_alpha`` (the schedule's final value)."""
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        self._check_inputs(input_ids, input_ids == self.image_token_id, num_images, None, None, None)
+        self._check_inputs(input_ids, pixel_values)
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
         if self.bottleneck is not None:
