@@ -17,7 +17,7 @@ def make_bottleneck(backend, prior="fixed", kl_form="standard") -> VittleBottlen
     bottleneck = VittleBottleneck(D, VittleConfig(layer_v=0, layer_t=0, prior=prior, kl_form=kl_form, backend=backend))
     if prior == "learnable":  # non-zero priors, so a wrong prior would show
         with torch.no_grad():
-            for name, param in bottleneck.named_parameters(recurse=False):
+            for param in bottleneck.parameters(recurse=False):
                 param.normal_(0.0, 0.5)
     return bottleneck
 

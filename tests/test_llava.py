@@ -96,7 +96,7 @@ def test_bottleneck_routing_matches_reference(layer_v, layer_t, kl_text_tokens, 
     model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN, vittle).train(training)
     if prior == "learnable":
         with torch.no_grad():
-            for name, param in model.bottleneck.named_parameters(recurse=False):
+            for param in model.bottleneck.parameters(recurse=False):
                 param.normal_(0.0, 0.3)
     batch = make_batch()
     out = model(**batch, vittle_alpha=ALPHA, noise_seed=SEED, noise_offset=OFFSET)

@@ -2,28 +2,13 @@
 
 Supported layouts (safetensors only -- a single ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``; pickled ``.bin`` files are refused, they can run code):
+``LlamaForCausalLM``; ``CLIPVisionModel`` / ``CLIPModel`` (vision half); llava-hf
+``LlavaForConditionalGeneration`` (both the hub's and transformers >= 4.52's key names); the released
+Vittle code's ``vittle_llama`` checkpoints. The key tables below are the whole mapping (also in
+docs/models.md).
 
-==================  ==========================================  ===================================
-layout              checkpoint key                              our key
-==================  ==========================================  ===================================
-LlamaForCausalLM    ``model.<rest>``, ``lm_head.weight``        ``<rest>``, ``lm_head.weight``
-CLIPVisionModel /   ``[vision_model.]<rest>``                   ``<rest>`` (CLIPModel's text tower,
-CLIPModel                                                       projections, logit_scale ignored)
-llava-hf            ``language_model.model.<rest>``             ``language_model.<rest>``
-(LlavaForCondi-     ``language_model.lm_head.*`` / ``lm_head.*`` ``language_model.lm_head.*``
-tionalGeneration)   ``model.language_model.<rest>`` (>= 4.52)   ``language_model.<rest>``
-                    ``[model.]vision_tower[.vision_model].*``   ``vision_tower.*``
-                    ``[model.]multi_modal_projector.*``         ``projector.*``
-released Vittle     ``model.bottleneck_layer_{v,t}.{0,2}.*``    ``bottleneck.mlp_{v,t}.{0,2}.*``
-(LLaVA repo,        ``model.learnable_prior.mean_{v,t}``        ``bottleneck.prior_mu_{v,t}``
-``vittle_llama``)   ``model.learnable_prior.logsigma_sq_{v,t}`` ``bottleneck.prior_logvar_{v,t}``
-                    ``model.mm_projector.{0,2}.*``              ``projector.linear_{1,2}.*``
-                    ``model.vision_tower.vision_tower.vision_model.*``  ``vision_tower.*``
-                    ``model.<rest>``, ``lm_head.weight``        ``language_model.<rest>`` / ``.lm_head``
-==================  ==========================================  ===================================
-
-Released priors are stored as [1, 1, d]; leading singleton dims are dropped on load. Every other
-shape must match exactly. Keys the model does not have raise (``strict=True``) or warn; weights the
+Leading singleton dims are dropped on load (the released priors are stored as [1, 1, d]); otherwise
+shapes must match exactly. Keys the model does not have raise (``strict=True``) or warn; weights the
 model needs but the checkpoint lacks always raise -- except the whole bottleneck, which is freshly
 initialised when a checkpoint without one is loaded with ``vittle=VittleConfig(...)``.
 
@@ -227,7 +212,7 @@ def _clip_vision_config(raw: dict):
     return transformers.CLIPVisionConfig.from_dict(raw)
 
 
-def clip_from_hf(path: str | Path, dtype: torch.float32 = torch.float32, *, device: torch.device | str = "cpu",
+def clip_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, device: torch.device | str = "cpu",
                  strict: bool = True) -> CLIPVisionTower:
     """Our :class:`CLIPVisionTower` from a local ``CLIPVisionModel`` or ``CLIPModel`` directory."""
     config = _clip_vision_config(_read_config(Path(path)))

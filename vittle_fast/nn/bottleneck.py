@@ -107,7 +107,7 @@ class VittleBottleneck(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
-        for name, param in self.named_parameters(recurse=False):
+        for param in self.parameters(recurse=False):
             nn.init.zeros_(param)
 
     def mlp(self, modality: str) -> nn.Sequential:
