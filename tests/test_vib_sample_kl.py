@@ -204,12 +204,10 @@ def test_saved_for_backward_is_only_stats(backend):
 def test_opcheck(backend, learnable_prior):
     h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((4,), 12, torch.float32, learnable_prior)
     scalars = (ALPHA, 7, 3, -2.3025, 2.3025, 1.0, True, backend)
-    torch.library.opcheck(
-        _fused_forward,
-        (h.requires_grad_(), stats.requires_grad_(),
-         *(None if p is None else p.requires_grad_() for p in (prior_mu, prior_logvar)), *scalars),
-    )
-    torch.library.opcheck(_fused_backward, (grad_z, grad_kl, stats.detach(), prior_mu, prior_logvar, *scalars))
+    leaf = lambda t: None if t is None else t.clone().requires_grad_()  # noqa: E731
+    torch.library.opcheck(_fused_forward, (*map(leaf, (h, stats, prior_mu, prior_logvar)), *scalars))
+    # The backward op has no autograd formula of its own (no double backward): plain tensors.
+    torch.library.opcheck(_fused_backward, (grad_z, grad_kl, stats, prior_mu, prior_logvar, *scalars))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

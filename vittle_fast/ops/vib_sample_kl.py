@@ -42,27 +42,28 @@ def _backend_module(name: str) -> tuple[ModuleType | None, str]:
     return module, ""
 
 
-def _backend_works_on(name: str, device: torch.device) -> bool:
+def _backend_works_on(name: str, device_type: str) -> bool:
     if name == "reference":
         return True
     module, _ = _backend_module(name)
     if module is None:
         return False
-    if name == "triton" and device.type == "cpu":
+    if name == "triton" and device_type == "cpu":
         return os.environ.get("TRITON_INTERPRET") == "1"
-    if name == "cpp" and device.type == "cuda":
+    if name == "cpp" and device_type == "cuda":
         return bool(getattr(module, "has_cuda", lambda: False)())
-    return device.type in ("cpu", "cuda")
+    return device_type in ("cpu", "cuda")
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run the op on ``device`` here (``"reference"`` always can)."""
-    device = torch.device(device)
-    return [name for name in ("reference", "triton", "cpp") if _backend_works_on(name, device)]
+    device_type = torch.device(device).type
+    return [name for name in ("reference", "triton", "cpp") if _backend_works_on(name, device_type)]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into a concrete backend and check an explicit choice can run on ``device``.
+@torch.compiler.assume_constant_result  # runs once at trace time: imports are not traceable
+def resolve_backend(backend: str, device_type: str) -> str:
+    """Turn ``"auto"`` into a concrete backend and check an explicit choice can run on ``device_type``.
 
     ``auto``: on CUDA, Triton then the CUDA extension; on CPU, the C++ kernel (the Triton
     interpreter is a correctness tool, far too slow for training), else the reference.
@@ -70,15 +71,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
-        return next((name for name in order if _backend_works_on(name, device)), "reference")
-    if not _backend_works_on(backend, device):
+        order = ("triton", "cpp") if device_type == "cuda" else ("cpp",)
+        return next((name for name in order if _backend_works_on(name, device_type)), "reference")
+    if not _backend_works_on(backend, device_type):
         _, reason = _backend_module(backend) if backend != "reference" else (None, "")
-        if backend == "triton" and device.type == "cpu" and not reason:
+        if backend == "triton" and device_type == "cpu" and not reason:
             reason = "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
         raise RuntimeError(
-            f"backend={backend!r} cannot run on {device.type} tensors here: {reason or 'no kernel for this device'}. "
-            f"Available: {available_backends(device)}"
+            f"backend={backend!r} cannot run on {device_type} tensors here: "
+            f"{reason or 'no kernel for this device'}. Available: {available_backends(device_type)}"
         )
     return backend
 
@@ -141,8 +142,8 @@ def _fused_backward(
         grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_logvar,
         clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
-    if prior_mu is None:
-        grad_mu_p = grad_lv_p = stats.new_empty((0,), dtype=torch.float32)
+    if prior_mu is None:  # two distinct tensors: custom-op outputs may not alias each other
+        grad_mu_p, grad_lv_p = (stats.new_empty((0,), dtype=torch.float32) for _ in range(2))
     return grad_h, grad_stats, grad_mu_p, grad_lv_p
 
 
@@ -280,7 +281,7 @@ def vib_sample_kl(
         ``z_hat`` ``[..., D]`` in ``h.dtype`` and ``kl`` ``[...]`` float32.
     """
     _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clamp, kl_form, sample)
-    backend = resolve_backend(backend, h.device)
+    backend = resolve_backend(backend, h.device.type)
     lead_shape, d = h.shape[:-1], h.shape[-1]
     alpha = float(alpha)
     if prior_mu is not None:  # the kernels read fp32 priors; autograd casts the gradient back
