@@ -168,3 +168,22 @@ def test_directory_without_safetensors_is_refused(tmp_path):
         llama_from_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         llama_from_hf(tmp_path / "absent")
+
+
+def test_assemble_from_llama_and_clip_directories(tmp_path):
+    """LLaVA stage-1 start: Vicuna + CLIP directories, fresh projector and bottleneck."""
+    transformers.LlamaForCausalLM(text_config()).save_pretrained(tmp_path / "llm")
+    transformers.CLIPVisionModel(vision_config()).save_pretrained(tmp_path / "clip")
+    llama, clip = llama_from_hf(tmp_path / "llm"), clip_from_hf(tmp_path / "clip")
+    vittle = VittleConfig(layer_v=1, layer_t=1, prior="learnable")
+    model = LlavaVittle.from_parts(llama, clip, IMAGE_TOKEN, vittle=vittle).eval()
+    assert model.language_model is llama and model.vision_tower is clip
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    bound = model.projector.linear_1.weight.shape[1] ** -0.5  # nn.Linear's default init
+    assert model.projector.linear_1.weight.abs().max() <= bound and model.projector.linear_1.weight.std() > 0
+    assert not model.bottleneck.prior_mu_v.any()
+    text_ids = torch.randint(0, IMAGE_TOKEN, (1, 8))
+    input_ids, pixel_values = llava_inputs()
+    with torch.no_grad():  # alpha = 0: the bottleneck is the identity, so text-only logits are the Llama's
+        torch.testing.assert_close(model(text_ids).logits, llama(text_ids), **TOL["float32"])
+        assert model(input_ids, pixel_values=pixel_values, vittle_alpha=0.5).logits.isfinite().all()

@@ -33,6 +33,10 @@ class MultimodalProjector(nn.Module):
         self.linear_1 = nn.Linear(vision_size, text_size)
         self.linear_2 = nn.Linear(text_size, text_size)
 
+    def reset_parameters(self) -> None:
+        self.linear_1.reset_parameters()
+        self.linear_2.reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(x)))
 
@@ -134,6 +138,22 @@ class LlavaVittle(nn.Module):
         self.projector = MultimodalProjector(vision_config.hidden_size, text_config.hidden_size)
         self.language_model = Llama(text_config)
         self.bottleneck = None if vittle is None else VittleBottleneck(text_config.hidden_size, vittle)
+
+    @classmethod
+    def from_parts(cls, language_model: Llama, vision_tower: CLIPVisionTower, image_token_id: int,
+                   vittle: VittleConfig | None = None, vision_feature_layer: int = -2) -> "LlavaVittle":
+        """Assemble from loaded parts (e.g. ``llama_from_hf(vicuna)`` + ``clip_from_hf(clip)``, LLaVA's
+        stage-1 start): a fresh projector and bottleneck on the language model's device and dtype.
+        Built on the meta device first, so the parts are never allocated twice."""
+        with torch.device("meta"):
+            model = cls(language_model.config, vision_tower.config, image_token_id, vittle, vision_feature_layer)
+        model.language_model = language_model
+        model.vision_tower = vision_tower.requires_grad_(False)
+        reference = language_model.embed_tokens.weight
+        for fresh in (model.projector, model.bottleneck):
+            if fresh is not None:
+                fresh.to_empty(device=reference.device).to(reference.dtype).reset_parameters()
+        return model
 
     @property
     def num_image_tokens(self) -> int:
