@@ -169,13 +169,14 @@ def test_gpu_launch_configs_are_the_ahead_of_time_compiled_ones(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     sms = 132
     monkeypatch.setattr(kernels, "_sm_count", lambda device_index: sms)
-    compiled = set(kernels.gpu_tile_shapes())
+    compiled = set(kernels.gpu_tile_configs())
     for d in (1, 2, 3, 4, 5, 7, 8, 63, 64, 257, 1000, 4096, 5120, 8191):
         for n in (1, 5, 1000, 100_000):
             for bounded in (False, True):
                 config = kernels.launch_config(n, d, torch.device("cuda", 0), bounded_programs=bounded)
-                assert (config.block, config.rows) in compiled and config.num_warps == kernels.GPU_NUM_WARPS
-                assert config.block * config.rows == kernels.GPU_TILE_ELEMENTS
+                assert (config.block, config.rows, config.num_warps) in compiled
+                assert config.block * config.rows == kernels.ELEMENTS_PER_THREAD * 32 * config.num_warps
+                assert config.block >= min(d, kernels.GPU_MAX_BLOCK)
                 programs = config.num_programs(n)
                 assert programs * config.rows * config.tiles_per_program >= n  # every row is covered
                 if bounded:

@@ -6,16 +6,17 @@
 Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 exactly as the JIT would specialise a real call (16-byte aligned pointers, D % 16 == 0 as for
 Llama widths, no prior pointers for the fixed prior); the cubin's registers, stack, local memory
-and shared memory come from the ``cuobjdump`` bundled in the triton wheel, spills from ``ptxas -v``
-on the same PTX (the bundled ptxas Triton itself uses for that arch), the widest global load/store
-(vectorisation) from the PTX. Prints a Markdown table; exits 1 if any variant spills.
+and shared memory come from the ``cuobjdump`` bundled in the triton wheel, spills from the
+``ptxas -v`` report of Triton's own ptxas call (its bundled ptxas, its flags), the widest global
+load/store (vectorisation) from the PTX. Prints a Markdown table; exits 1 if any variant spills.
 Must run WITHOUT ``TRITON_INTERPRET=1`` (the interpreter replaces the jit functions).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
-import os
 import re
 import subprocess
 import sys
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
 from . import vib_sample_kl as op
@@ -44,6 +45,7 @@ class Variant:
     sample: bool
     block: int
     rows: int
+    num_warps: int
 
     @property
     def fn(self):
@@ -75,23 +77,19 @@ class Variant:
 def variants(full: bool) -> list[Variant]:
     """Full: every (kernel, cc, dtype, prior, sample, tile) the GPU launcher can pick for bf16/fp32.
 
-    Subset: every kernel x cc x dtype at the large-D tile (the training shape), with the training
-    options (sample on) for both priors, plus the smallest-block tile and the posterior-mean path.
+    Subset: every kernel x cc x dtype x prior at the large-D tile (the training shape, sample on),
+    plus two multi-row tiles (smallest and middle block) and the posterior-mean path.
     """
-    tiles = op.gpu_tile_shapes()
+    tiles = op.gpu_tile_configs()
     if full:
         grid = itertools.product(("fwd", "bwd"), (80, 90), ("bf16", "fp32"), (False, True), (True, False), tiles)
         return [Variant(*head, *tile) for *head, tile in grid]
-    largest, smallest = tiles[-1], tiles[0]
+    largest, multi_row = tiles[-1], (tiles[0], tiles[len(tiles) // 2])
     chosen = [Variant(k, cc, dt, prior, True, *largest)
               for k, cc, dt, prior in itertools.product(("fwd", "bwd"), (80, 90), ("bf16", "fp32"), (False, True))]
-    chosen += [Variant(k, 90, "bf16", True, True, *smallest) for k in ("fwd", "bwd")]
+    chosen += [Variant(k, 90, "bf16", True, True, *tile) for tile in multi_row for k in ("fwd", "bwd")]
     chosen += [Variant(k, 90, "bf16", False, False, *largest) for k in ("fwd", "bwd")]
     return chosen
-
-
-def _run(tool: str, *args: str) -> str:
-    return subprocess.run([str(NVIDIA_BIN / tool), *args], check=True, capture_output=True, text=True).stdout
 
 
 def _widest_access_bytes(ptx: str, kind: str) -> int:
@@ -101,21 +99,25 @@ def _widest_access_bytes(ptx: str, kind: str) -> int:
 
 
 def resource_usage(variant: Variant, workdir: Path) -> dict:
-    compiled = triton.compile(variant.source(), target=GPUTarget("cuda", variant.cc, 32),
-                              options={"num_warps": op.GPU_NUM_WARPS})
-    stem = workdir / f"{variant.kernel}_{variant.cc}_{variant.dtype}_{variant.block}"
-    cubin, ptx_file = stem.with_suffix(".cubin"), stem.with_suffix(".ptx")
+    """Compile one variant; read its resources from the cubin and from the ptxas log of that compile."""
+    ptxas_log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(ptxas_log):
+        knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
+        knobs.nvidia.dump_ptxas_log = True  # Triton prints the `ptxas -v` output of its own call
+        compiled = triton.compile(variant.source(), target=GPUTarget("cuda", variant.cc, 32),
+                                  options={"num_warps": variant.num_warps})
+    cubin = workdir / f"{variant.kernel}_sm{variant.cc}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    ptx_file.write_text(compiled.asm["ptx"])
-    usage = _run("cuobjdump", "--dump-resource-usage", str(cubin))
+    usage = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                           check=True, capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    ptxas = subprocess.run([get_ptxas(variant.cc).path, "-v", f"--gpu-name={sm_arch_from_capability(variant.cc)}",
-                            str(ptx_file), "-o", os.devnull], check=True, capture_output=True, text=True).stderr
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
-    return {"regs": int(fields["REG"]), "spill_bytes": spills, "stack": int(fields["STACK"]),
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas_log.getvalue())
+    if not spills:
+        raise RuntimeError(f"no ptxas report captured for {variant}")
+    ptx = compiled.asm["ptx"]
+    return {"regs": int(fields["REG"]), "spill_bytes": sum(map(int, spills)), "stack": int(fields["STACK"]),
             "local": int(fields["LOCAL"]), "shared": int(fields["SHARED"]),
-            "ld_bytes": _widest_access_bytes(compiled.asm["ptx"], "ld"),
-            "st_bytes": _widest_access_bytes(compiled.asm["ptx"], "st")}
+            "ld_bytes": _widest_access_bytes(ptx, "ld"), "st_bytes": _widest_access_bytes(ptx, "st")}
 
 
 COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "BLOCK", "ROWS", "warps",
@@ -124,7 +126,7 @@ COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "BLOCK", "ROWS", "warps",
 
 def table_row(variant: Variant, usage: dict) -> list:
     return [variant.kernel, variant.cc, variant.dtype, "learnable" if variant.learnable_prior else "fixed",
-            variant.sample, variant.block, variant.rows, op.GPU_NUM_WARPS, usage["regs"], usage["spill_bytes"],
+            variant.sample, variant.block, variant.rows, variant.num_warps, usage["regs"], usage["spill_bytes"],
             usage["stack"], usage["local"], usage["shared"], usage["ld_bytes"], usage["st_bytes"]]
 
 

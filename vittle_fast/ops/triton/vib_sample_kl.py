@@ -216,12 +216,13 @@ class LaunchConfig:
         return ROW_INTERLEAVE * triton.cdiv(rows_per_phase, self.rows * self.tiles_per_program)
 
 
-# 1024 = 4 * 32 * 8 warps: each thread owns one Philox group (4 consecutive elements, one randn4x,
-# 8-byte bf16 / 16-byte fp32 accesses). 58-80 registers, no spills on sm_80/sm_90 (docs/triton.md).
-GPU_TILE_ELEMENTS = 1024
-GPU_NUM_WARPS = 8
+# GPU tiles give each thread one Philox group: 4 consecutive elements, one randn4x call, 8-byte
+# (bf16) / 16-byte (fp32) accesses. Rows of >= 1024 columns: 1024-wide chunks, 8 warps. Shorter
+# rows: [512 // block, block] tiles, 4 warps (with 8 warps ptxas capped those multi-row tiles at 64
+# registers and spilled a few bytes on sm_90). All variants: no spills (docs/triton.md).
 GPU_MAX_BLOCK = 1024
-GPU_PROGRAMS_PER_SM = 4  # backward with a learnable prior: bounds the [programs, 2, D] partials
+GPU_PROGRAMS_PER_SM = 4  # learnable-prior backward: bounds the [2, programs, D] partials buffer
+ELEMENTS_PER_THREAD = 4
 INTERPRETER_TILE_ELEMENTS = 1 << 16  # one numpy op per tile; the interpreter's cost is per op
 
 
@@ -229,10 +230,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gpu_tile_shapes() -> list[tuple[int, int]]:
-    """Every (block, rows) the GPU launcher can pick, for ahead-of-time compilation."""
-    blocks = [1 << p for p in range(2, GPU_MAX_BLOCK.bit_length())]
-    return [(block, GPU_TILE_ELEMENTS // block) for block in blocks]
+def gpu_tile(block: int) -> tuple[int, int]:
+    """(rows, num_warps) of the GPU tile for a chunk width ``block`` (power of two, 4..1024)."""
+    num_warps = 8 if block == GPU_MAX_BLOCK else 4
+    return ELEMENTS_PER_THREAD * 32 * num_warps // block, num_warps
+
+
+def gpu_tile_configs() -> list[tuple[int, int, int]]:
+    """Every (block, rows, num_warps) the GPU launcher can pick, for ahead-of-time compilation."""
+    return [(block, *gpu_tile(block)) for block in (1 << p for p in range(2, GPU_MAX_BLOCK.bit_length()))]
 
 
 @functools.cache
@@ -243,11 +249,12 @@ def _sm_count(device_index: int) -> int:
 def launch_config(n_rows: int, d: int, device: torch.device, *, bounded_programs: bool) -> LaunchConfig:
     """Pick the tile and grid for an ``[n_rows, d]`` call.
 
-    GPU: a chunk spans the row (plus up to 3 columns of a leading partial Philox group) up to
-    1024 columns; rows fill the tile up to 1024 elements; one tile per program, unless
-    ``bounded_programs`` (learnable-prior backward), where the grid is capped at a few programs
-    per SM so the partials buffer stays ~1% of the op's traffic.
-    Interpreter: one chunk per row and large tiles, 4 programs (one per row phase) when possible.
+    A chunk spans the row plus up to 3 columns of a leading partial Philox group (at most 1024
+    columns on a GPU). GPU: ``gpu_tile`` rows per tile, one tile per program, unless
+    ``bounded_programs`` (learnable-prior backward): then at most a few programs per SM loop over
+    row tiles, so the prior partials stay at ``GPU_PROGRAMS_PER_SM * SMs * 2 * D`` floats.
+    Interpreter: one chunk per row, tall tiles and 4 programs (one per row phase) when possible,
+    because it runs programs one after another and pays per operation, not per element.
     """
     block = triton.next_power_of_2(d if d % 4 == 0 else d + 3)  # + the largest lead
     rows_per_phase = max(1, triton.cdiv(n_rows, ROW_INTERLEAVE))
@@ -255,12 +262,12 @@ def launch_config(n_rows: int, d: int, device: torch.device, *, bounded_programs
         rows = max(1, min(INTERPRETER_TILE_ELEMENTS // block, triton.next_power_of_2(rows_per_phase)))
         return LaunchConfig(block, rows, triton.cdiv(rows_per_phase, rows), num_warps=1)
     block = min(block, GPU_MAX_BLOCK)
-    rows = GPU_TILE_ELEMENTS // block
+    rows, num_warps = gpu_tile(block)
     tiles = 1
     if bounded_programs:
         max_programs_per_phase = max(1, GPU_PROGRAMS_PER_SM * _sm_count(device.index or 0) // ROW_INTERLEAVE)
         tiles = triton.cdiv(triton.cdiv(rows_per_phase, rows), max_programs_per_phase)
-    return LaunchConfig(block, rows, tiles, GPU_NUM_WARPS)
+    return LaunchConfig(block, rows, tiles, num_warps)
 
 
 # --------------------------------------------------------------------------------------------
