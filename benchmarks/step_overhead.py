@@ -1,0 +1,184 @@
+"""Per-step cost of Vittle over plain LLaVA training, on CPU, three modes in one run.
+
+    baseline   LLaVA, no bottleneck
+    released   Vittle as the released code computes it: after decoder layer l the hidden state is
+               split by position (slices), each part goes through its MLP and eager PyTorch ops,
+               the noise is drawn on the CPU and copied to the device, the parts are concatenated
+               back (torch.cat), and the KL values are read on the host for logging (.item())
+    fused      Vittle with vittle_fast's bottleneck (exact modality rows, one fused op per
+               modality: in-op Philox noise, interpolation and KL, no host sync)
+
+Every mode trains the same tiny model (same init, same batch) with AdamW; steps of the three modes
+are interleaved so machine noise hits all of them alike. Ratios use each mode's fastest step (the
+least-disturbed sample on a shared machine); medians are printed too. The bottleneck's share of the FLOPs
+(torch.utils.flop_counter) is printed as the floor any implementation pays.
+
+    python -m benchmarks.step_overhead [--steps 20] [--hidden 256] [--json out.json]
+
+On a CPU the "released" costs that matter most on a GPU (the host->device copy of the noise, the
+host syncs) are nearly free, so the CPU ratios understate the GPU gap; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import transformers
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vittle_fast.models import LlavaVittle
+from vittle_fast.nn import VittleConfig
+
+IMAGE_TOKEN_ID = 3
+
+
+class ReleasedVittleLayer(nn.Module):
+    """Decoder layer l followed by the released-code bottleneck (positional modality split)."""
+
+    def __init__(self, layer: nn.Module, hidden_size: int, num_visual_positions: int, beta: float = 0.1,
+                 clamp: float = 2.3025):
+        super().__init__()
+        self.layer = layer
+        self.mlp_v = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.mlp_t = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.num_visual_positions = num_visual_positions
+        self.beta, self.clamp = beta, clamp
+        self.alpha = 0.0
+        self.kl_loss = None
+
+    def _bottleneck(self, h: torch.Tensor, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = mlp(h).chunk(2, dim=-1)
+        logvar = logvar.clamp(-self.clamp, self.clamp)
+        eps = torch.randn(mu.shape, dtype=mu.dtype).to(mu.device)  # drawn on the CPU, copied over
+        z = mu + torch.exp(0.5 * logvar) * eps
+        kl = 0.5 * (-1 - logvar + logvar.exp() + mu.pow(2))
+        return (1 - self.alpha) * h + self.alpha * z, kl.mean()
+
+    def forward(self, x, *args, **kwargs):
+        h = self.layer(x, *args, **kwargs)
+        split = self.num_visual_positions
+        z_v, kl_v = self._bottleneck(h[:, :split], self.mlp_v)
+        z_t, kl_t = self._bottleneck(h[:, split:], self.mlp_t)
+        self.kl_loss = self.beta * (kl_v + kl_t)
+        self.logged = (kl_v.item(), kl_t.item())  # the released trainer logs both every step
+        return torch.cat([z_v, z_t], dim=1)
+
+
+def build(mode: str, args) -> LlavaVittle:
+    torch.manual_seed(0)
+    text = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                                    num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                                    num_key_value_heads=args.hidden // 64, tie_word_embeddings=False)
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=args.image_size, patch_size=8)
+    layer = args.layers * 3 // 4 - 1
+    vittle = VittleConfig(layer_v=layer, layer_t=layer, backend=args.backend) if mode == "fused" else None
+    model = LlavaVittle(text, vision, IMAGE_TOKEN_ID, vittle=vittle)
+    model.validate_inputs = False
+    if mode == "released":
+        model.language_model.layers[layer] = ReleasedVittleLayer(model.language_model.layers[layer], args.hidden,
+                                                                 args.prefix + model.num_image_tokens)
+    return model
+
+
+def make_batch(args, num_image_tokens: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    b, prefix, text = args.batch, args.prefix, args.text
+    input_ids = torch.cat([
+        torch.randint(4, args.vocab, (b, prefix), generator=g),
+        torch.full((b, num_image_tokens), IMAGE_TOKEN_ID),
+        torch.randint(4, args.vocab, (b, text), generator=g),
+    ], dim=1)
+    labels = input_ids.clone()
+    labels[:, : prefix + num_image_tokens + text // 2] = -100  # the answer is the second half of the text
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids, dtype=torch.bool),
+            "pixel_values": torch.randn(b, 3, args.image_size, args.image_size, generator=g)}
+
+
+def loss_of(mode: str, model: LlavaVittle, batch, alpha: float) -> torch.Tensor:
+    out = model(**batch, vittle_alpha=alpha, noise_seed=1234)
+    loss = out.ce_sum / out.n_targets
+    if mode == "fused":
+        loss = loss + out.vittle_loss
+    elif mode == "released":
+        released = next(m for m in model.language_model.layers if isinstance(m, ReleasedVittleLayer))
+        released.alpha = alpha
+        loss = loss + released.kl_loss
+    return loss
+
+
+def step_flops(mode: str, model, batch) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_of(mode, model, batch, 0.5).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prefix", type=int, default=16, help="system-prompt tokens before the image")
+    parser.add_argument("--text", type=int, default=96, help="text tokens after the image")
+    parser.add_argument("--image_size", type=int, default=64, help="image side; patch 8 -> (side/8)^2 tokens")
+    parser.add_argument("--backend", default="auto", help="vib_sample_kl backend of the fused mode")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = steadiest timing)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    modes = ("baseline", "released", "fused")
+    models = {mode: build(mode, args) for mode in modes}
+    batch = make_batch(args, models["baseline"].num_image_tokens)
+    optimizers = {mode: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for mode, m in models.items()}
+    flops = {mode: step_flops(mode, models[mode], batch) for mode in modes}
+
+    times = {mode: [] for mode in modes}
+    for step in range(args.warmup + args.steps):
+        alpha = 0.5 * step / (args.warmup + args.steps)
+        for mode in modes:  # interleaved: drifts in machine load hit every mode alike
+            start = time.perf_counter()
+            loss_of(mode, models[mode], batch, alpha).backward()
+            optimizers[mode].step()
+            optimizers[mode].zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times[mode].append(time.perf_counter() - start)
+
+    median = {mode: statistics.median(t) for mode, t in times.items()}
+    fastest = {mode: min(t) for mode, t in times.items()}
+    result = {
+        "config": vars(args),
+        "tokens_per_step": int(batch["input_ids"].numel()),
+        "median_step_s": median,
+        "min_step_s": fastest,
+        "overhead_vs_baseline": {mode: fastest[mode] / fastest["baseline"] - 1 for mode in ("released", "fused")},
+        "flop_overhead_vs_baseline": {mode: flops[mode] / flops["baseline"] - 1 for mode in ("released", "fused")},
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(f"tokens/step {result['tokens_per_step']}, {args.steps} timed steps per mode, {torch.get_num_threads()} threads")
+    for mode in modes:
+        line = f"  {mode:9s} step min {fastest[mode] * 1e3:7.1f} ms, median {median[mode] * 1e3:7.1f} ms"
+        if mode != "baseline":
+            line += (f"   overhead vs baseline {result['overhead_vs_baseline'][mode]:+7.1%}"
+                     f"   (FLOP floor {result['flop_overhead_vs_baseline'][mode]:+.1%})")
+        print(line)
+    released, fused = result["overhead_vs_baseline"]["released"], result["overhead_vs_baseline"]["fused"]
+    print(f"  fused / released overhead ratio: {fused / released:.2f}" if released > 0 else "")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
