@@ -12,22 +12,24 @@ from vittle_fast.train.config import LEAVES, TrainConfig, load_yaml, parse_args,
 from vittle_fast.train.noise import noise_offset, noise_seed, splitmix64
 from vittle_fast.train.schedules import vittle_alpha, warmup_cosine_lr_factor
 
+DATA = ["data.data_path=train.json"]  # the one option without a usable default
+
 
 def test_yaml_then_cli_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"max_steps": 7, "optim": {"lr": 0.5}, "vittle": {"beta_v": 0.3}}))
     cfg = parse_args(["--config", str(path), "--optim.lr", "1e-3", "vittle.prior=learnable",
-                      "--output_dir", "somewhere", "--max_steps", "9", "vittle.logvar_clamp=[-1, 2]"])
+                      "--output_dir", "somewhere", "--max_steps", "9", "vittle.logvar_clamp=[-1, 2]", *DATA])
     assert cfg.max_steps == 9 and cfg.output_dir == "somewhere"
     assert cfg.optim.lr == 1e-3  # YAML 1.1 would read "1e-3" as a string
     assert cfg.vittle.beta_v == 0.3  # from the file, untouched by the command line
     assert cfg.vittle.prior == "learnable"
     assert cfg.vittle.logvar_clamp == (-1.0, 2.0)
-    assert parse_args(["vittle.logvar_clamp=null"]).vittle.logvar_clamp is None
+    assert parse_args(["vittle.logvar_clamp=null", *DATA]).vittle.logvar_clamp is None
 
 
 def test_string_options_keep_raw_text():
-    assert parse_args(["--output_dir", "yes"]).output_dir == "yes"
+    assert parse_args(["--output_dir", "yes", *DATA]).output_dir == "yes"
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,7 @@ def test_string_options_keep_raw_text():
         (["vittle.enabled=maybe"], "vittle.enabled must be true or false"),
         (["optim.nonexistent=1"], "unknown config option 'optim.nonexistent'"),
         (["--max_steps", "0"], "max_steps must be >= 1"),
+        (["stop_at_step=-1"], "stop_at_step must be >= 0"),
         (["model.stage=1"], "vittle.enabled requires model.stage=2"),
         (["vittle.logvar_clamp=[2, -2]"], "lo < hi"),
         (["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing must be one of"),
@@ -45,13 +48,19 @@ def test_string_options_keep_raw_text():
 )
 def test_bad_values_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message):
-        parse_args(argv)
+        parse_args(argv + DATA)
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = parse_args(["vittle.prior=learnable", "parallel.replicate=2", "model.num_layers=6"])
+    cfg = parse_args(["vittle.prior=learnable", "parallel.replicate=2", "model.num_layers=6", *DATA])
     save_yaml(cfg, tmp_path / "config.yaml")
     assert to_dict(load_yaml(tmp_path / "config.yaml")) == to_dict(cfg)
+
+
+def test_data_path_is_required_unless_demo():
+    with pytest.raises(ValueError, match="data.data_path is required"):
+        parse_args([])
+    assert parse_args(["data.demo=true"]).data.demo
 
 
 def test_demo_config_loads():
@@ -63,12 +72,13 @@ def test_demo_config_loads():
 def test_help_lists_every_option_with_its_default():
     result = subprocess.run([sys.executable, "-m", "vittle_fast.train", "--help"],
                             capture_output=True, text=True, check=True)
-    text = result.stdout
-    for flag in ("--config", "--output_dir", "--max_steps"):
+    text = " ".join(result.stdout.split())  # undo argparse's line wrapping
+    for flag in ("--config PATH", "--output_dir", "--max_steps", "section.key=VALUE"):
         assert flag in text
-    for name in LEAVES:
-        assert f"--{name}" in text, name
-    assert "(default: 'cosine')" in text and "(default: [-2.3025, 2.3025])" in text
+    for name, (_, default, _) in LEAVES.items():
+        shown = list(default) if isinstance(default, tuple) else default
+        assert f"--{name} " in text, name
+        assert f"(default: {shown!r})" in text, name
     assert text.count("(default: ") == len(LEAVES)
 
 

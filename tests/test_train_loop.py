@@ -74,24 +74,29 @@ def test_two_process_fsdp_matches_one_process(data_dir, tmp_path):
                                torch.tensor(list(one.values())), **BF16_VS_FP32_LOSS)
 
 
-def test_kill_and_resume_is_bitwise(data_dir, tmp_path, monkeypatch):
-    args = tiny_args(data_dir, tmp_path / "full", "--max_steps", "6", "checkpoint.interval=3")
-    main(args)
+@pytest.mark.parametrize("how", ["crash_after_save", "stop_at_step"])
+def test_kill_and_resume_is_bitwise(data_dir, tmp_path, monkeypatch, how):
+    """Stopped after step 3 (killed right after its checkpoint, or a planned `stop_at_step` exit),
+    then relaunched: steps 4-6 reproduce an uninterrupted run bit for bit (fp32)."""
+    main(tiny_args(data_dir, tmp_path / "full", "--max_steps", "6", "checkpoint.interval=3"))
     full = losses(tmp_path / "full")
 
-    real_save = trainer_module.save_checkpoint
-
-    def save_then_die(root, step, *a, **k):
-        path = real_save(root, step, *a, **k)
-        if step == 3:
-            raise Interrupt
-        return path
-
     killed = tiny_args(data_dir, tmp_path / "killed", "--max_steps", "6", "checkpoint.interval=3")
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupt):
-        main(killed)
-    monkeypatch.undo()
+    if how == "crash_after_save":
+        real_save = trainer_module.save_checkpoint
+
+        def save_then_die(root, step, *a, **k):
+            path = real_save(root, step, *a, **k)
+            if step == 3:
+                raise Interrupt
+            return path
+
+        monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+        with pytest.raises(Interrupt):
+            main(killed)
+        monkeypatch.undo()
+    else:
+        assert "export" not in main(killed + ["stop_at_step=3"])  # exported only at max_steps
     assert sorted(losses(tmp_path / "killed")) == [1, 2, 3]
     outputs = main(killed)
     assert outputs["resumed_from"].endswith("step_00000003")

@@ -21,114 +21,119 @@ from typing import Any, Literal
 import yaml
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its `--help` text (the default is appended automatically)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelSection:
     """Where the model comes from. `source="tiny"` builds a random model from the dims below."""
 
-    source: Literal["tiny", "hf_llava", "hf_parts"] = "tiny"
-    path: str = ""  # hf_llava: a local LlavaForConditionalGeneration directory
-    llm_path: str = ""  # hf_parts: a local Llama directory ...
-    vision_path: str = ""  # ... and a local CLIP vision directory (projector starts random)
-    stage: Literal[1, 2] = 2  # 1 = projector alignment (only the projector trains); 2 = +LLM +bottleneck
-    vision_feature_layer: int = -2
-    # Dimensions of the tiny random model (source="tiny"). vocab_size 0 = the tokenizer's size.
-    vocab_size: int = 0
-    hidden_size: int = 64
-    intermediate_size: int = 172
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position_embeddings: int = 1024
-    vision_hidden_size: int = 48
-    vision_intermediate_size: int = 96
-    vision_layers: int = 3
-    vision_heads: int = 4
-    image_size: int = 32
-    patch_size: int = 8
+    source: Literal["tiny", "hf_llava", "hf_parts"] = opt("tiny", "tiny random model | local HF LLaVA dir | local Llama + CLIP dirs")
+    path: str = opt("", "hf_llava: local LlavaForConditionalGeneration directory")
+    llm_path: str = opt("", "hf_parts: local Llama directory")
+    vision_path: str = opt("", "hf_parts: local CLIP (vision) directory; the projector starts random")
+    stage: Literal[1, 2] = opt(2, "1 = projector alignment (only the projector trains); 2 = projector + LLM + bottleneck")
+    vision_feature_layer: int = opt(-2, "CLIP hidden state fed to the projector")
+    vocab_size: int = opt(0, "tiny: vocabulary size; 0 = the tokenizer's")
+    hidden_size: int = opt(64, "tiny: decoder width")
+    intermediate_size: int = opt(172, "tiny: decoder MLP width")
+    num_layers: int = opt(4, "tiny: decoder blocks")
+    num_heads: int = opt(4, "tiny: attention heads")
+    num_kv_heads: int = opt(2, "tiny: key/value heads (GQA)")
+    max_position_embeddings: int = opt(1024, "tiny: RoPE context length")
+    vision_hidden_size: int = opt(48, "tiny: CLIP width")
+    vision_intermediate_size: int = opt(96, "tiny: CLIP MLP width")
+    vision_layers: int = opt(3, "tiny: CLIP blocks")
+    vision_heads: int = opt(4, "tiny: CLIP heads")
+    image_size: int = opt(32, "tiny: CLIP input side (pixels)")
+    patch_size: int = opt(8, "tiny: CLIP patch side; (image_size/patch_size)^2 image tokens")
 
 
 @dataclass
 class VittleSection:
     """The bottleneck (DESIGN.md §1). `enabled=false` trains the plain LLaVA baseline."""
 
-    enabled: bool = True
-    layer_v: int = -1  # -1: at 75% depth (layer 24 of 32), the paper's default
-    layer_t: int = -1
-    beta_v: float = 0.1
-    beta_t: float = 0.1
-    prior: Literal["fixed", "learnable"] = "fixed"
-    kl_form: Literal["standard", "released"] = "standard"
-    kl_text_tokens: Literal["prompt", "all"] = "prompt"
-    logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025)
-    alpha_schedule: Literal["cosine", "sigmoid"] = "cosine"
-    alpha_end: float = 0.5
-    alpha_k: float = 10.0  # sigmoid steepness
-    alpha_t0: float = 0.5  # sigmoid midpoint, as a fraction of training
-    backend: str = "auto"
+    enabled: bool = opt(True, "false = LLaVA baseline without the bottleneck")
+    layer_v: int = opt(-1, "0-based decoder block whose output the visual bottleneck transforms; -1 = 3/4 depth (24 of 32)")
+    layer_t: int = opt(-1, "same for text tokens")
+    beta_v: float = opt(0.1, "weight of the visual KL (mean over tokens and dims)")
+    beta_t: float = opt(0.1, "weight of the text KL")
+    prior: Literal["fixed", "learnable"] = opt("fixed", "Vittle (F): N(0, I); Vittle (L): learnable mean/log-variance")
+    kl_form: Literal["standard", "released"] = opt("standard", "Eq. 8, or the released code's 1 + lv/2 variant")
+    kl_text_tokens: Literal["prompt", "all"] = opt("prompt", "text tokens in the text KL: prompt (label ignored) or all")
+    logvar_clamp: tuple[float, float] | None = opt((-2.3025, 2.3025), "[lo, hi] clamp of log-variances (straight-through); null = off")
+    alpha_schedule: Literal["cosine", "sigmoid"] = opt("cosine", "ramp of the interpolation weight: paper (cosine) or released code (sigmoid)")
+    alpha_end: float = opt(0.5, "final alpha (also the inference value)")
+    alpha_k: float = opt(10.0, "sigmoid steepness")
+    alpha_t0: float = opt(0.5, "sigmoid midpoint, as a fraction of max_steps")
+    backend: str = opt("auto", "vib_sample_kl backend: auto | triton | cpp | reference")
 
 
 @dataclass
 class DataSection:
     """LLaVA-format instruction data, or (`demo=true`) the synthetic demo set, made when missing."""
 
-    data_path: str = ""  # LLaVA JSON; image paths inside are relative to image_folder
-    image_folder: str = ""  # "" = the JSON's directory
-    tokenizer: str = ""  # "" = the model directory's tokenizer
-    demo: bool = False  # true: generate/reuse the demo set in demo_dir and ignore the three paths above
-    demo_dir: str = "outputs/demo_data"
-    demo_num_samples: int = 1000
-    template: Literal["vicuna_v1", "chat_template"] = "vicuna_v1"
-    max_length: int = 2048
-    micro_batch_size: int = 4  # per rank
-    grad_accum_steps: int = 1
-    mega_batch_mult: int = 8  # length grouping: sort within groups of this many global batches
-    packing: bool = False
-    strict: bool = False  # raise on a bad record instead of skipping and counting it
-    num_workers: int = 0
+    data_path: str = opt("", "LLaVA instruction JSON (required unless demo=true)")
+    image_folder: str = opt("", "root of the JSON's relative image paths; empty = the JSON's directory")
+    tokenizer: str = opt("", "tokenizer directory; empty = the model directory's")
+    demo: bool = opt(False, "generate (or reuse) the synthetic demo set in demo_dir and train on it")
+    demo_dir: str = opt("outputs/demo_data", "where the demo set lives")
+    demo_num_samples: int = opt(1000, "demo training records")
+    template: Literal["vicuna_v1", "chat_template"] = opt("vicuna_v1", "prompt template")
+    max_length: int = opt(2048, "tokens per sample after <image> expansion; longer records are skipped")
+    micro_batch_size: int = opt(4, "samples per rank per micro-batch")
+    grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
+    mega_batch_mult: int = opt(8, "length grouping: sort within groups of this many global batches")
+    packing: bool = opt(False, "pack each micro-batch into one row (position ids restart per sample)")
+    strict: bool = opt(False, "raise on a bad record instead of skipping and counting it")
+    num_workers: int = opt(0, "DataLoader worker processes")
 
 
 @dataclass
 class OptimSection:
-    lr: float = 2e-5
-    min_lr_ratio: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still measured)
+    lr: float = opt(2e-5, "peak learning rate (AdamW, fused)")
+    min_lr_ratio: float = opt(0.0, "final LR as a fraction of the peak (cosine floor)")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay of matrices (vectors never decay)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.999, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "max global gradient norm; <= 0 = no clipping (the norm is still logged)")
 
 
 @dataclass
 class CheckpointSection:
-    interval: int = 500  # steps between checkpoints; 0 = only at the end
-    keep_last: int = 2
-    resume: bool = True  # continue from the latest complete checkpoint in output_dir
-    export_safetensors: bool = True
+    interval: int = opt(500, "steps between checkpoints; 0 = only at the end")
+    keep_last: int = opt(2, "complete checkpoints kept")
+    resume: bool = opt(True, "continue from the latest complete checkpoint in output_dir")
+    export_safetensors: bool = opt(True, "write OUTPUT_DIR/export/model.safetensors + config at the end")
 
 
 @dataclass
 class LoggingSection:
-    log_every: int = 10
-    progress_bar: bool = True
-    tensorboard: bool = True  # used only when the tensorboard package is installed
-    plot: bool = True
+    log_every: int = opt(10, "steps between metric records (the only host syncs of the loop)")
+    progress_bar: bool = opt(True, "tqdm bar on rank 0")
+    tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
+    plot: bool = opt(True, "OUTPUT_DIR/metrics.png (loss, CE, KL, alpha) at the end")
 
 
 @dataclass
 class ParallelSection:
-    replicate: int = 1  # > 1: HSDP over a (replicate, shard) device mesh
-    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    reduce_dtype: Literal["bfloat16", "float32"] = "float32"
-    activation_checkpointing: Literal["off", "full", "every_k"] = "off"
-    ac_every_k: int = 2
+    replicate: int = opt(1, "> 1: HSDP, replicate x (world/replicate) shard mesh (e.g. the number of nodes)")
+    param_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "FSDP compute dtype of parameters (and of the frozen CLIP weights)")
+    reduce_dtype: Literal["bfloat16", "float32"] = opt("float32", "FSDP gradient reduction dtype")
+    activation_checkpointing: Literal["off", "full", "every_k"] = opt("off", "recompute decoder blocks in backward")
+    ac_every_k: int = opt(2, "every_k: checkpoint every k-th block")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "outputs/run"
-    max_steps: int = 1000
-    seed: int = 0
+    output_dir: str = opt("outputs/run", "checkpoints, metrics.jsonl, config.yaml, plot, export")
+    max_steps: int = opt(1000, "optimizer steps of the whole run (the LR and alpha schedules span them)")
+    stop_at_step: int = opt(0, "> 0: checkpoint and exit at this step (a time-limited slot); rerunning resumes")
+    seed: int = opt(0, "model init, data order and noise streams")
     model: ModelSection = field(default_factory=ModelSection)
     vittle: VittleSection = field(default_factory=VittleSection)
     data: DataSection = field(default_factory=DataSection)
@@ -153,6 +158,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.stop_at_step < 0:
+            raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.checkpoint.interval < 0:
             raise ValueError(f"checkpoint.interval must be >= 0, got {self.checkpoint.interval}")
         if not 0.0 <= self.vittle.alpha_end <= 1.0:
@@ -174,8 +181,8 @@ class TrainConfig:
 # Flattening the dataclass tree into dotted leaf options.
 
 
-def _leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """{dotted name: (type, default)} for every leaf field of a (nested) config dataclass."""
+def _leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
+    """{dotted name: (type, default, help)} for every leaf field of a (nested) config dataclass."""
     hints = typing.get_type_hints(cls)
     leaves: dict[str, tuple[Any, Any]] = {}
     for f in dataclasses.fields(cls):
@@ -184,7 +191,7 @@ def _leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, Any]]:
             leaves.update(_leaf_fields(hint, name + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            leaves[name] = (hint, default)
+            leaves[name] = (hint, default, f.metadata.get("help", ""))
     return leaves
 
 
@@ -304,17 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s [--config PATH] [--section.key VALUE ...] [section.key=VALUE ...]",
         description="Fine-tune LLaVA with Vittle on FSDP2 (launch with torchrun for several processes).",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=44, width=140),
     )
-    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: none)")
-    for name, (hint, default) in LEAVES.items():
+    parser.add_argument("--config", metavar="PATH", help="YAML config file, applied before the overrides")
+    for name, (hint, default, text) in LEAVES.items():
         shown = list(default) if isinstance(default, tuple) else default
         parser.add_argument(
             f"--{name}",
             dest=name,
-            metavar="VALUE",
+            metavar=_type_name(hint),
             default=argparse.SUPPRESS,
-            help=f"{_type_name(hint)} (default: {shown!r})",
+            help=f"{text} (default: {shown!r})",
         )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     return parser

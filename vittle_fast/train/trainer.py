@@ -94,23 +94,20 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         llm_params, len(model.language_model.layers), cfg.model.hidden_size, cfg.data.max_length
     )
 
-    for step in range(start_step, cfg.max_steps):
+    end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    for step in range(start_step, end_step):
         alpha = current_alpha(cfg, step)
         micro_batches = [data.next_batch(info.device) for _ in range(cfg.data.grad_accum_steps)]
         train_step(model, optimizer, params, micro_batches, step, alpha, cfg, info, acc)
         scheduler.step()
         done = step + 1
 
-        if done % cfg.logging.log_every == 0 or done == cfg.max_steps:
+        if done % cfg.logging.log_every == 0 or done == end_step:
             totals = acc.reduce_and_reset(info.world_size)
-            elapsed = clock.lap()
-            tokens_per_s = totals["tokens"] / elapsed
-            record = {
+            tokens_per_s = totals["tokens"] / clock.lap()
+            logger.log({
                 "step": done,
-                "loss": totals["loss"],
-                "ce": totals["ce"],
-                "kl_v": totals["kl_v"],
-                "kl_t": totals["kl_t"],
+                **{name: totals[name] for name in ("loss", "ce", "kl_v", "kl_t")},
                 "alpha": alpha,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": totals["grad_norm"],
@@ -120,11 +117,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 "skipped_records": totals["skipped_records"],
                 **peak_memory(info.device),
                 **telemetry.read(),
-            }
-            logger.log(record)
+            })
 
         interval = cfg.checkpoint.interval
-        if (interval and done % interval == 0) or done == cfg.max_steps:
+        if (interval and done % interval == 0) or done == end_step:
             save_checkpoint(ckpt_root, done, model, optimizer,
                             {"scheduler": scheduler.state_dict(), "data": data.state_dict()},
                             cfg.checkpoint.keep_last)
@@ -132,7 +128,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
     outputs = {"output_dir": str(out_dir), "metrics": str(logger.path),
                "checkpoint": str(latest_checkpoint(ckpt_root)), "resumed_from": str(resume_from or "")}
-    if cfg.checkpoint.export_safetensors:
+    if cfg.checkpoint.export_safetensors and end_step == cfg.max_steps:
         export_safetensors(model, out_dir / "export", to_dict(cfg))
         outputs["export"] = str(out_dir / "export")
     if info.is_main and cfg.logging.plot and logger.path.is_file():
