@@ -44,7 +44,8 @@ def check_table(rows: list[dict], *, full: bool) -> None:
     if full:
         from vittle_fast.ops.triton.vib_sample_kl import gpu_tile_configs
 
-        tiles = {(int(row["BLOCK"]), int(row["ROWS"]), int(row["warps"])) for row in rows}
+        tiles = {(int(row["BLOCK"]), int(row["ROWS"]), int(row["warps"]),
+                  None if row["maxnreg"] == "-" else int(row["maxnreg"])) for row in rows}
         assert tiles == set(gpu_tile_configs())
         assert len(rows) == 2 * 2 * 2 * 2 * 2 * len(tiles)
 

@@ -174,7 +174,7 @@ def test_gpu_launch_configs_are_the_ahead_of_time_compiled_ones(monkeypatch):
         for n in (1, 5, 1000, 100_000):
             for bounded in (False, True):
                 config = kernels.launch_config(n, d, torch.device("cuda", 0), bounded_programs=bounded)
-                assert (config.block, config.rows, config.num_warps) in compiled
+                assert (config.block, config.rows, config.num_warps, config.max_registers) in compiled
                 assert config.block * config.rows == kernels.ELEMENTS_PER_THREAD * 32 * config.num_warps
                 assert config.block >= min(d, kernels.GPU_MAX_BLOCK)
                 programs = config.num_programs(n)

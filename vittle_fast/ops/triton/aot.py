@@ -46,6 +46,7 @@ class Variant:
     block: int
     rows: int
     num_warps: int
+    max_registers: int | None
 
     @property
     def fn(self):
@@ -105,7 +106,7 @@ def resource_usage(variant: Variant, workdir: Path) -> dict:
         knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
         knobs.nvidia.dump_ptxas_log = True  # Triton prints the `ptxas -v` output of its own call
         compiled = triton.compile(variant.source(), target=GPUTarget("cuda", variant.cc, 32),
-                                  options={"num_warps": variant.num_warps})
+                                  options={"num_warps": variant.num_warps, "maxnreg": variant.max_registers})
     cubin = workdir / f"{variant.kernel}_sm{variant.cc}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
@@ -120,14 +121,15 @@ def resource_usage(variant: Variant, workdir: Path) -> dict:
             "ld_bytes": _widest_access_bytes(ptx, "ld"), "st_bytes": _widest_access_bytes(ptx, "st")}
 
 
-COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "BLOCK", "ROWS", "warps",
+COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "BLOCK", "ROWS", "warps", "maxnreg",
            "regs", "spill B", "stack B", "local B", "shared B", "widest ld B", "widest st B")
 
 
 def table_row(variant: Variant, usage: dict) -> list:
     return [variant.kernel, variant.cc, variant.dtype, "learnable" if variant.learnable_prior else "fixed",
-            variant.sample, variant.block, variant.rows, variant.num_warps, usage["regs"], usage["spill_bytes"],
-            usage["stack"], usage["local"], usage["shared"], usage["ld_bytes"], usage["st_bytes"]]
+            variant.sample, variant.block, variant.rows, variant.num_warps, variant.max_registers or "-",
+            usage["regs"], usage["spill_bytes"], usage["stack"], usage["local"], usage["shared"],
+            usage["ld_bytes"], usage["st_bytes"]]
 
 
 def main(argv: list[str] | None = None) -> int:

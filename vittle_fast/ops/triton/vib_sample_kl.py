@@ -40,7 +40,10 @@ ROW_INTERLEAVE = 4  # rows of one program are 4 apart, so they share (row * D) %
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_rows(pid, tile, tiles_per_program, n_rows, ROWS: tl.constexpr):
-    """Rows (int64) of the program's ``tile``-th row tile and their validity mask."""
+    """Rows (int64) of the program's ``tile``-th row tile and their validity mask.
+
+    Rows are ROW_INTERLEAVE = 4 apart (a jit function can't read a plain module global).
+    """
     phase = pid % 4
     first = (pid // 4).to(tl.int64) * tiles_per_program + tile
     rows = phase + 4 * (first * ROWS + tl.arange(0, ROWS).to(tl.int64))
@@ -101,10 +104,12 @@ def _load_prior(prior_mu_ptr, prior_logvar_ptr, cols, col_mask, clamp_lo, clamp_
         mu_p = tl.load(prior_mu_ptr + cols, mask=col_mask, other=0.0)
         logvar_p = tl.load(prior_logvar_ptr + cols, mask=col_mask, other=0.0)
         logvar_p = tl.minimum(tl.maximum(logvar_p, clamp_lo), clamp_hi)
+        inv_var_p = tl.exp(-logvar_p)
     else:
         mu_p = tl.zeros((BLOCK,), tl.float32)
         logvar_p = tl.zeros((BLOCK,), tl.float32)
-    return mu_p[None, :], logvar_p[None, :], tl.exp(-logvar_p)[None, :]
+        inv_var_p = tl.full((BLOCK,), 1.0, tl.float32)
+    return mu_p[None, :], logvar_p[None, :], inv_var_p[None, :]
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,12 +209,14 @@ def _vib_sample_kl_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile ``[rows, block]`` (both powers of two, block >= 4), row tiles per program, warps."""
+    """Tile ``[rows, block]`` (both powers of two, block >= 4), row tiles per program, warps, and
+    the ptxas register cap (None: ptxas chooses)."""
 
     block: int
     rows: int
     tiles_per_program: int
     num_warps: int
+    max_registers: int | None = None
 
     def num_programs(self, n_rows: int) -> int:
         rows_per_phase = triton.cdiv(n_rows, ROW_INTERLEAVE)
@@ -217,10 +224,12 @@ class LaunchConfig:
 
 
 # GPU tiles give each thread one Philox group: 4 consecutive elements, one randn4x call, 8-byte
-# (bf16) / 16-byte (fp32) accesses. Rows of >= 1024 columns: 1024-wide chunks, 8 warps. Shorter
-# rows: [512 // block, block] tiles, 4 warps (with 8 warps ptxas capped those multi-row tiles at 64
-# registers and spilled a few bytes on sm_90). All variants: no spills (docs/triton.md).
+# (bf16) / 16-byte (fp32) accesses. Rows of >= 1024 columns: 1024-wide chunks, 8 warps, registers
+# left to ptxas (47-74, no spills). Shorter rows: [512 // block, block] tiles, 4 warps, maxnreg=128:
+# left alone, ptxas trims those multi-row tiles to 64 registers and spills 8-24 bytes; with the cap
+# it uses 72-104 and spills none, still 4 programs per SM. Evidence: docs/triton.md (AOT sweep).
 GPU_MAX_BLOCK = 1024
+GPU_SHORT_ROW_MAX_REGISTERS = 128
 GPU_PROGRAMS_PER_SM = 4  # learnable-prior backward: bounds the [2, programs, D] partials buffer
 ELEMENTS_PER_THREAD = 4
 INTERPRETER_TILE_ELEMENTS = 1 << 16  # one numpy op per tile; the interpreter's cost is per op
@@ -230,14 +239,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gpu_tile(block: int) -> tuple[int, int]:
-    """(rows, num_warps) of the GPU tile for a chunk width ``block`` (power of two, 4..1024)."""
-    num_warps = 8 if block == GPU_MAX_BLOCK else 4
-    return ELEMENTS_PER_THREAD * 32 * num_warps // block, num_warps
+def gpu_tile(block: int) -> tuple[int, int, int | None]:
+    """(rows, num_warps, max_registers) of the GPU tile for chunk width ``block`` (power of 2, 4..1024)."""
+    if block == GPU_MAX_BLOCK:
+        return 1, GPU_MAX_BLOCK // (32 * ELEMENTS_PER_THREAD), None
+    num_warps = 4
+    return ELEMENTS_PER_THREAD * 32 * num_warps // block, num_warps, GPU_SHORT_ROW_MAX_REGISTERS
 
 
-def gpu_tile_configs() -> list[tuple[int, int, int]]:
-    """Every (block, rows, num_warps) the GPU launcher can pick, for ahead-of-time compilation."""
+def gpu_tile_configs() -> list[tuple[int, int, int, int | None]]:
+    """Every (block, rows, num_warps, max_registers) the GPU launcher can pick (for AOT compiles)."""
     return [(block, *gpu_tile(block)) for block in (1 << p for p in range(2, GPU_MAX_BLOCK.bit_length()))]
 
 
@@ -262,12 +273,12 @@ def launch_config(n_rows: int, d: int, device: torch.device, *, bounded_programs
         rows = max(1, min(INTERPRETER_TILE_ELEMENTS // block, triton.next_power_of_2(rows_per_phase)))
         return LaunchConfig(block, rows, triton.cdiv(rows_per_phase, rows), num_warps=1)
     block = min(block, GPU_MAX_BLOCK)
-    rows, num_warps = gpu_tile(block)
+    rows, num_warps, max_registers = gpu_tile(block)
     tiles = 1
     if bounded_programs:
         max_programs_per_phase = max(1, GPU_PROGRAMS_PER_SM * _sm_count(device.index or 0) // ROW_INTERLEAVE)
         tiles = triton.cdiv(triton.cdiv(rows_per_phase, rows), max_programs_per_phase)
-    return LaunchConfig(block, rows, tiles, num_warps)
+    return LaunchConfig(block, rows, tiles, num_warps, max_registers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +298,7 @@ def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, cla
         n_rows, d, config.tiles_per_program,
         alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
         LEARNABLE_PRIOR=prior_mu is not None, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, maxnreg=config.max_registers,
     )
     return z_hat, kl
 
@@ -309,7 +320,7 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
             n_rows, d, config.tiles_per_program,
             alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
             LEARNABLE_PRIOR=learnable, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
-            num_warps=config.num_warps,
+            num_warps=config.num_warps, maxnreg=config.max_registers,
         )
     if not learnable:
         return grad_h, grad_stats, None, None
