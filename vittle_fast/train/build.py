@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -66,15 +68,39 @@ def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> torch
             vittle=vittle_config(cfg, m.num_layers), vision_feature_layer=m.vision_feature_layer,
         )
     elif m.source == "hf_llava":
-        num_layers = transformers.AutoConfig.from_pretrained(m.path).text_config.num_hidden_layers
-        model = models.llava_from_hf(m.path, vittle=vittle_config(cfg, num_layers))
+        depth = _decoder_depth(Path(m.path))
+        model = models.llava_from_hf(m.path, vittle=vittle_config(cfg, depth), vision_path=m.vision_path or None,
+                                     image_token_id=image_token_id)
+        if not cfg.vittle.enabled:
+            model.bottleneck = None  # baseline: a checkpoint's own bottleneck is dropped, not trained
     else:
-        num_layers = transformers.AutoConfig.from_pretrained(m.llm_path).num_hidden_layers
-        model = models.LlavaVittle.from_parts(
-            models.llama_from_hf(m.llm_path), models.clip_from_hf(m.vision_path), image_token_id,
-            vittle=vittle_config(cfg, num_layers), vision_feature_layer=m.vision_feature_layer,
-        )
+        model = _llava_from_parts(cfg, image_token_id)
     set_trainable(model, m.stage)
+    return model
+
+
+def _decoder_depth(path: Path) -> int:
+    raw = json.loads((path / "config.json").read_text())
+    return raw.get("text_config", raw)["num_hidden_layers"]
+
+
+def _llava_from_parts(cfg: TrainConfig, image_token_id: int) -> LlavaVittle:
+    """Pretrained Llama + pretrained CLIP + a fresh projector (and bottleneck): LLaVA stage 1's start.
+    The shell is built on the meta device so no random decoder is materialised and thrown away."""
+    m = cfg.model
+    llm, vision = models.llama_from_hf(m.llm_path), models.clip_from_hf(m.vision_path)
+    with torch.device("meta"):
+        model = LlavaVittle(llm.config, vision.config, image_token_id,
+                            vittle=vittle_config(cfg, llm.config.num_hidden_layers),
+                            vision_feature_layer=m.vision_feature_layer)
+    model.language_model, model.vision_tower = llm, vision
+    for fresh in (model.projector, model.bottleneck):
+        if fresh is not None:
+            fresh.to_empty(device="cpu")
+            for linear in (sub for sub in fresh.modules() if isinstance(sub, torch.nn.Linear)):
+                linear.reset_parameters()
+            for prior in fresh.parameters(recurse=False):  # learnable priors start at N(0, I)
+                torch.nn.init.zeros_(prior)
     return model
 
 
@@ -97,12 +123,9 @@ def vision_geometry(cfg: TrainConfig) -> tuple[int, int]:
     m = cfg.model
     if m.source == "tiny":
         return m.image_size, m.patch_size
-    if m.source == "hf_llava":
-        vision = transformers.AutoConfig.from_pretrained(m.path).vision_config
-    else:
-        vision = transformers.AutoConfig.from_pretrained(m.vision_path)
-        vision = getattr(vision, "vision_config", vision)  # a full CLIPConfig directory also works
-    return vision.image_size, vision.patch_size
+    raw = json.loads((Path(m.vision_path or m.path) / "config.json").read_text())
+    vision = raw.get("vision_config", raw)  # llava-hf and full CLIP configs nest it
+    return vision["image_size"], vision["patch_size"]
 
 
 def load_tokenizer(cfg: TrainConfig):

@@ -1,5 +1,5 @@
 """Checkpoints: sharded training state with torch.distributed.checkpoint (DCP), atomic commits,
-keep-last-k, resume from the latest complete one, and a consolidated safetensors export.
+keep-last-k, resume from the latest complete one, and a consolidated Hugging Face-layout export.
 
 Layout of `OUTPUT_DIR/checkpoints/step_00000120/`:
     .metadata, __*_*.distcp   DCP shards of {"model": ..., "optim": ...} (reshardable)
@@ -21,12 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+
+from vittle_fast.models import LlavaVittle, save_pretrained
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -106,16 +109,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return json.loads((path / "trainer.json").read_text())
 
 
-def export_safetensors(model: torch.nn.Module, directory: Path, config: dict[str, Any]) -> Path | None:
-    """Collective. Gathers the full model to rank 0 (CPU) and writes `model.safetensors` + config."""
-    from safetensors.torch import save_file
-
+def export_pretrained(model: torch.nn.Module, directory: Path, train_config: dict[str, Any]) -> Path | None:
+    """Collective. Gathers the full model to rank 0 (CPU) and writes it in the Hugging Face layout
+    (`config.json` + safetensors, readable by `vittle_fast.models.llava_from_hf` and transformers)
+    plus the training config. Rank 0 rebuilds the architecture on the meta device and adopts the
+    gathered tensors, so no second copy of the weights is materialised."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.contiguous() for name, tensor in full.items()}
-    path = directory / "model.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return path
+    with torch.device("meta"):
+        plain = LlavaVittle(model.language_model.config, model.vision_tower.config, model.image_token_id,
+                            vittle=None if model.bottleneck is None else model.bottleneck.config,
+                            vision_feature_layer=model.vision_feature_layer)
+    plain.load_state_dict(full, assign=True)
+    save_pretrained(plain, directory)
+    with open(directory / "training_config.yaml", "w") as f:
+        yaml.safe_dump(train_config, f, sort_keys=False)
+    return directory

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .build import build_data, build_model, count_params, resolve_demo_data, trainable_parameters
-from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, save_yaml, to_dict
 from .metrics import (
     GpuTelemetry,
@@ -91,7 +91,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     clock = Throughput()
     peak = gpu_peak_flops(info.device)
     flops_per_token = training_flops_per_token(
-        llm_params, len(model.language_model.layers), cfg.model.hidden_size, cfg.data.max_length
+        llm_params, len(model.language_model.layers), model.language_model.config.hidden_size, cfg.data.max_length
     )
 
     end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     outputs = {"output_dir": str(out_dir), "metrics": str(logger.path),
                "checkpoint": str(latest_checkpoint(ckpt_root)), "resumed_from": str(resume_from or "")}
     if cfg.checkpoint.export_safetensors and end_step == cfg.max_steps:
-        export_safetensors(model, out_dir / "export", to_dict(cfg))
+        export_pretrained(model, out_dir / "export", to_dict(cfg))
         outputs["export"] = str(out_dir / "export")
     if info.is_main and cfg.logging.plot and logger.path.is_file():
         outputs["plot"] = str(plot_metrics(logger.path, out_dir / "metrics.png"))
