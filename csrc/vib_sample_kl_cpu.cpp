@@ -12,6 +12,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace vittle_fast {
@@ -22,72 +23,145 @@ constexpr int64_t kPriorChunkRows = 64;
 // Elements per parallel_for task, enough to amortise the scheduling cost.
 constexpr int64_t kElementsPerTask = 1 << 15;
 
-// Per-column prior (fixed N(0, 1) or the clamped learnable one), computed once per call.
-std::vector<PriorColumn> prior_columns(const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
-                                       const FusedCall& call) {
-  std::vector<PriorColumn> columns(call.dim, fixed_prior());
-  if (call.learnable_prior) {
-    const float* mu = prior_mu->data_ptr<float>();
-    const float* logvar = prior_logvar->data_ptr<float>();
-    for (int64_t j = 0; j < call.dim; ++j) columns[j] = learnable_prior(mu[j], logvar[j], call.scalars);
+// Per-column prior (fixed N(0, 1) or the clamped learnable one), computed once per call and kept
+// as separate arrays so the element loops read them with unit stride.
+struct PriorColumns {
+  PriorColumns(const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar, const FusedCall& call)
+      : mu(call.dim, 0.0f), logvar(call.dim, 0.0f), inv_var(call.dim, 1.0f) {
+    if (!call.learnable_prior) return;
+    const float* mu_in = prior_mu->const_data_ptr<float>();
+    const float* logvar_in = prior_logvar->const_data_ptr<float>();
+    for (int64_t j = 0; j < call.dim; ++j) {
+      const PriorColumn column = learnable_prior(mu_in[j], logvar_in[j], call.scalars);
+      mu[j] = column.mu;
+      logvar[j] = column.logvar;
+      inv_var[j] = column.inv_var;
+    }
   }
-  return columns;
-}
 
-// The contract's noise for row `row` (elements k = row*D .. row*D + D - 1) written into `scratch`
-// (>= D + 2*kNormalsPerCounter floats); returns the pointer to the row's first element.
-const float* row_noise(const FusedCall& call, int64_t row, std::vector<float>& scratch) {
+  // Raw pointers for the hot loops: the compiler cannot prove that stores to the outputs leave a
+  // std::vector's internal pointer alone, and would reload it every element (no vectorization).
+  struct View {
+    const float* mu;
+    const float* logvar;
+    const float* inv_var;
+
+    PriorColumn operator[](int64_t j) const { return {mu[j], logvar[j], inv_var[j]}; }
+  };
+
+  View view() const { return {mu.data(), logvar.data(), inv_var.data()}; }
+
+  std::vector<float> mu, logvar, inv_var;
+};
+
+// Per-thread scratch for one row. The Philox words are stored lane by lane (structure of arrays)
+// so the noise loops vectorize across counters.
+struct RowScratch {
+  explicit RowScratch(int64_t dim)
+      : words(4, std::vector<uint32_t>(dim / kNormalsPerCounter + 2)),
+        normals(dim + 2 * kNormalsPerCounter, 0.0f),
+        kl_terms(dim) {}
+
+  std::vector<std::vector<uint32_t>> words;  // [lane][counter]
+  std::vector<float> normals;                // four per counter; zeros when the call does not sample
+  std::vector<float> kl_terms;               // the row's kl_ij before the mean
+};
+
+// The contract's noise for row `row` (elements k = row*D .. row*D + D - 1); returns a pointer to
+// the row's first element. Each of the row's counters is evaluated once.
+const float* row_noise(const FusedCall& call, int64_t row, RowScratch& scratch) {
   const uint64_t first_k = static_cast<uint64_t>(row) * static_cast<uint64_t>(call.dim);
-  const uint64_t first_counter = first_k / kNormalsPerCounter;
+  const uint64_t first_counter = call.offset + first_k / kNormalsPerCounter;
   const int64_t first_lane = static_cast<int64_t>(first_k % kNormalsPerCounter);
   const int64_t n_counters = (first_lane + call.dim + kNormalsPerCounter - 1) / kNormalsPerCounter;
-  float* out = scratch.data();
+  uint32_t* w0 = scratch.words[0].data();
+  uint32_t* w1 = scratch.words[1].data();
+  uint32_t* w2 = scratch.words[2].data();
+  uint32_t* w3 = scratch.words[3].data();
+#pragma omp simd
   for (int64_t t = 0; t < n_counters; ++t) {
-    const Normal4 n = normal4(call.seed, call.offset + first_counter + static_cast<uint64_t>(t));
-    out[4 * t + 0] = n.n0;
-    out[4 * t + 1] = n.n1;
-    out[4 * t + 2] = n.n2;
-    out[4 * t + 3] = n.n3;
+    const Uint4x32 bits = philox4x32_10(call.seed, first_counter + static_cast<uint64_t>(t));
+    w0[t] = bits.x0;
+    w1[t] = bits.x1;
+    w2[t] = bits.x2;
+    w3[t] = bits.x3;
+  }
+  float* out = scratch.normals.data();
+#pragma omp simd
+  for (int64_t t = 0; t < n_counters; ++t) {
+    uniform_pair_to_normal(uint32_to_uniform(w0[t]), uint32_to_uniform(w1[t]), out[4 * t + 0], out[4 * t + 1]);
+    uniform_pair_to_normal(uint32_to_uniform(w2[t]), uint32_to_uniform(w3[t]), out[4 * t + 2], out[4 * t + 3]);
   }
   return out + first_lane;
 }
 
-int64_t rows_per_task(int64_t dim) { return std::max<int64_t>(1, kElementsPerTask / dim); }
-
-template <typename scalar_t>
-void forward_rows(const scalar_t* h, const scalar_t* stats, const PriorColumn* priors, scalar_t* z_hat, float* kl,
-                  const FusedCall& call) {
-  const int64_t d = call.dim;
-  at::parallel_for(0, call.n_tokens, rows_per_task(d), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(d + 2 * kNormalsPerCounter, 0.0f);
-    for (int64_t i = begin; i < end; ++i) {
-      const float* eps = call.scalars.sample ? row_noise(call, i, scratch) : scratch.data();
-      const scalar_t* h_row = h + i * d;
-      const scalar_t* mu_row = stats + i * 2 * d;
-      const scalar_t* logvar_row = mu_row + d;
-      scalar_t* z_row = z_hat + i * d;
-      double kl_sum = 0.0;  // fixed j order for every row: bitwise reproducible
-      for (int64_t j = 0; j < d; ++j) {
-        const ForwardElement e = forward_element(static_cast<float>(h_row[j]), static_cast<float>(mu_row[j]),
-                                                 static_cast<float>(logvar_row[j]), eps[j], priors[j],
-                                                 call.scalars);
-        z_row[j] = static_cast<scalar_t>(e.z_hat);
-        kl_sum += e.kl;
-      }
-      kl[i] = static_cast<float>(kl_sum / static_cast<double>(d));
-    }
-  });
+// Calls fn(std::true_type{}) or fn(std::false_type{}): a runtime flag as a template parameter.
+template <typename Fn>
+void with_bool(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
-// Backward of rows [begin, end); adds this range's prior-gradient terms into prior_partial
-// ([2, D]: d/dmu_p then d/dlv_p) when it is non-null.
-template <typename scalar_t>
-void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
-                   const scalar_t* stats, const PriorColumn* priors, scalar_t* grad_h, scalar_t* grad_stats,
-                   float* prior_partial, const FusedCall& call, std::vector<float>& scratch) {
+int64_t rows_per_task(int64_t dim) { return std::max<int64_t>(1, kElementsPerTask / dim); }
+
+// Sum in a fixed blocked order (kSumLanes interleaved partial sums, then lane by lane): the same
+// for every row and every thread count, and vectorizable without -ffast-math.
+constexpr int64_t kSumLanes = 8;
+
+float fixed_order_sum(const float* x, int64_t n) {
+  float lanes[kSumLanes] = {};
+  const int64_t full = n - n % kSumLanes;
+  for (int64_t j = 0; j < full; j += kSumLanes) {
+    for (int64_t l = 0; l < kSumLanes; ++l) lanes[l] += x[j + l];
+  }
+  for (int64_t j = full; j < n; ++j) lanes[j - full] += x[j];
+  float total = 0.0f;
+  for (int64_t l = 0; l < kSumLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// The element loops are instantiated per value of `sample` so that the per-element select on it
+// folds away; `ivdep` because outputs are fresh allocations that never alias the inputs (the
+// number of pointers is past g++'s limit for runtime alias checks).
+template <typename scalar_t, bool kSample>
+void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t* stats,
+                  const PriorColumns::View priors, scalar_t* z_hat, float* kl, const FusedCall& call,
+                  RowScratch& scratch) {
   const int64_t d = call.dim;
+  OpScalars scalars = call.scalars;  // a local copy: provably not aliased by the output stores
+  scalars.sample = kSample;
+  float* kl_terms = scratch.kl_terms.data();
   for (int64_t i = begin; i < end; ++i) {
-    const float* eps = call.scalars.sample ? row_noise(call, i, scratch) : scratch.data();
+    const float* eps = kSample ? row_noise(call, i, scratch) : scratch.normals.data();
+    const scalar_t* h_row = h + i * d;
+    const scalar_t* mu_row = stats + i * 2 * d;
+    const scalar_t* logvar_row = mu_row + d;
+    scalar_t* z_row = z_hat + i * d;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < d; ++j) {
+      const ForwardElement e = forward_element(static_cast<float>(h_row[j]), static_cast<float>(mu_row[j]),
+                                               static_cast<float>(logvar_row[j]), eps[j], priors[j], scalars);
+      z_row[j] = static_cast<scalar_t>(e.z_hat);
+      kl_terms[j] = e.kl;
+    }
+    kl[i] = fixed_order_sum(kl_terms, d) / static_cast<float>(d);
+  }
+}
+
+// Backward of rows [begin, end); with kLearnablePrior, adds this range's prior-gradient terms into
+// prior_partial ([2, D]: d/dmu_p then d/dlv_p).
+template <typename scalar_t, bool kSample, bool kLearnablePrior>
+void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
+                   const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h, scalar_t* grad_stats,
+                   float* prior_partial, const FusedCall& call, RowScratch& scratch) {
+  const int64_t d = call.dim;
+  OpScalars scalars = call.scalars;  // a local copy: provably not aliased by the output stores
+  scalars.sample = kSample;
+  for (int64_t i = begin; i < end; ++i) {
+    const float* eps = kSample ? row_noise(call, i, scratch) : scratch.normals.data();
     const float w = grad_kl[i] / static_cast<float>(d);
     const scalar_t* g_row = grad_z_hat + i * d;
     const scalar_t* mu_row = stats + i * 2 * d;
@@ -95,14 +169,14 @@ void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const
     scalar_t* grad_h_row = grad_h + i * d;
     scalar_t* grad_mu_row = grad_stats + i * 2 * d;
     scalar_t* grad_logvar_row = grad_mu_row + d;
+#pragma GCC ivdep
     for (int64_t j = 0; j < d; ++j) {
       const BackwardElement e = backward_element(static_cast<float>(g_row[j]), w, static_cast<float>(mu_row[j]),
-                                                 static_cast<float>(logvar_row[j]), eps[j], priors[j],
-                                                 call.scalars);
+                                                 static_cast<float>(logvar_row[j]), eps[j], priors[j], scalars);
       grad_h_row[j] = static_cast<scalar_t>(e.grad_h);
       grad_mu_row[j] = static_cast<scalar_t>(e.grad_mu);
       grad_logvar_row[j] = static_cast<scalar_t>(e.grad_logvar);
-      if (prior_partial != nullptr) {
+      if constexpr (kLearnablePrior) {
         prior_partial[j] += e.grad_prior_mu;
         prior_partial[d + j] += e.grad_prior_logvar;
       }
@@ -117,10 +191,19 @@ ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const Op
   at::Tensor z_hat = at::empty_like(h);
   at::Tensor kl = at::empty({call.n_tokens}, h.options().dtype(at::kFloat));
   if (call.n_tokens == 0) return {z_hat, kl};
-  const std::vector<PriorColumn> priors = prior_columns(prior_mu, prior_logvar, call);
+  const PriorColumns priors(prior_mu, prior_logvar, call);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "vittle_fast_fwd_cpu", [&] {
-    forward_rows<scalar_t>(h.const_data_ptr<scalar_t>(), stats.const_data_ptr<scalar_t>(), priors.data(),
-                           z_hat.mutable_data_ptr<scalar_t>(), kl.mutable_data_ptr<float>(), call);
+    const scalar_t* h_data = h.const_data_ptr<scalar_t>();
+    const scalar_t* stats_data = stats.const_data_ptr<scalar_t>();
+    scalar_t* z_data = z_hat.mutable_data_ptr<scalar_t>();
+    float* kl_data = kl.mutable_data_ptr<float>();
+    with_bool(call.scalars.sample, [&](auto sample) {
+      at::parallel_for(0, call.n_tokens, rows_per_task(call.dim), [&](int64_t begin, int64_t end) {
+        RowScratch scratch(call.dim);
+        forward_rows<scalar_t, decltype(sample)::value>(begin, end, h_data, stats_data, priors.view(), z_data,
+                                                        kl_data, call, scratch);
+      });
+    });
   });
   return {z_hat, kl};
 }
@@ -136,7 +219,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad
   const int64_t n_chunks = (call.n_tokens + kPriorChunkRows - 1) / kPriorChunkRows;
   // [n_chunks, 2, D] partial sums, one slice per fixed-size chunk of rows.
   at::Tensor partials = at::zeros({call.learnable_prior ? n_chunks : 0, 2, d}, fp32);
-  const std::vector<PriorColumn> priors = prior_columns(prior_mu, prior_logvar, call);
+  const PriorColumns priors(prior_mu, prior_logvar, call);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, stats.scalar_type(), "vittle_fast_bwd_cpu", [&] {
     const scalar_t* g = grad_z_hat.const_data_ptr<scalar_t>();
@@ -146,14 +229,19 @@ BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad
     scalar_t* gs = grad_stats.mutable_data_ptr<scalar_t>();
     float* part = call.learnable_prior ? partials.mutable_data_ptr<float>() : nullptr;
     const int64_t chunks_per_task = std::max<int64_t>(1, rows_per_task(d) / kPriorChunkRows);
-    at::parallel_for(0, n_chunks, chunks_per_task, [&](int64_t chunk_begin, int64_t chunk_end) {
-      std::vector<float> scratch(d + 2 * kNormalsPerCounter, 0.0f);
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        const int64_t row_begin = chunk * kPriorChunkRows;
-        const int64_t row_end = std::min(call.n_tokens, row_begin + kPriorChunkRows);
-        float* chunk_partial = part == nullptr ? nullptr : part + chunk * 2 * d;
-        backward_rows<scalar_t>(row_begin, row_end, g, gkl, st, priors.data(), gh, gs, chunk_partial, call, scratch);
-      }
+    with_bool(call.scalars.sample, [&](auto sample) {
+      with_bool(call.learnable_prior, [&](auto learnable) {
+        at::parallel_for(0, n_chunks, chunks_per_task, [&](int64_t chunk_begin, int64_t chunk_end) {
+          RowScratch scratch(d);
+          for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+            const int64_t row_begin = chunk * kPriorChunkRows;
+            const int64_t row_end = std::min(call.n_tokens, row_begin + kPriorChunkRows);
+            float* chunk_partial = learnable ? part + chunk * 2 * d : nullptr;
+            backward_rows<scalar_t, decltype(sample)::value, decltype(learnable)::value>(
+                row_begin, row_end, g, gkl, st, priors.view(), gh, gs, chunk_partial, call, scratch);
+          }
+        });
+      });
     });
   });
 

@@ -67,6 +67,8 @@ VITTLE_HD Uint4x32 philox4x32_10(int64_t seed, uint64_t counter) {
   uint32_t c3 = 0u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint32_t prev_c0 = c0;
@@ -83,16 +85,101 @@ VITTLE_HD Uint4x32 philox4x32_10(int64_t seed, uint64_t counter) {
 
 // Triton's uint_to_uniform_float: bitcast to int32, fold negatives with ~x, scale in fp32.
 VITTLE_HD float uint32_to_uniform(uint32_t x) {
-  int32_t signed_x = static_cast<int32_t>(x);
-  if (signed_x < 0) signed_x = ~signed_x;
-  return static_cast<float>(signed_x) * kUniformScale;
+  const int32_t signed_x = static_cast<int32_t>(x);
+  return static_cast<float>(signed_x < 0 ? ~signed_x : signed_x) * kUniformScale;
 }
+
+#if !defined(__CUDA_ARCH__)
+// Host versions of exp / log / sincos: branch-free Cephes-style polynomials (the classic
+// sse_mathfun constants), ~1 ulp, written so that g++ vectorizes the CPU kernel's loops (calls into
+// libm would keep them scalar). The device code uses CUDA's own functions instead.
+namespace host_math {
+
+inline float bits_to_float(uint32_t bits) { return __builtin_bit_cast(float, bits); }
+
+inline uint32_t float_to_bits(float x) { return __builtin_bit_cast(uint32_t, x); }
+
+inline float exp(float x) {
+  constexpr float kMaxArg = 88.72283905206835f;  // log(FLT_MAX): above, +inf
+  constexpr float kMinArg = -103.972077083991796f;  // log of the smallest denormal: below, 0
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;  // ln 2 = hi + lo (Cody-Waite)
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  const float clipped = x > kMaxArg ? kMaxArg : (x < kMinArg ? kMinArg : x);
+  const float shifted = clipped * kLog2e + 0.5f;
+  float n = static_cast<float>(static_cast<int32_t>(shifted));  // floor(x log2 e + 1/2)
+  n = n > shifted ? n - 1.0f : n;
+  const float r = clipped - n * kLn2Hi - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  // 2^n as two normal powers of two, so n in [-150, 128] neither overflows nor flushes early.
+  const int32_t n_int = static_cast<int32_t>(n);
+  const int32_t half = n_int / 2;
+  const float scale_a = bits_to_float(static_cast<uint32_t>(half + 127) << 23);
+  const float scale_b = bits_to_float(static_cast<uint32_t>(n_int - half + 127) << 23);
+  const float y = (p * r * r + r + 1.0f) * scale_a * scale_b;
+  return x != x ? x : (x > kMaxArg ? __builtin_inff() : (x < kMinArg ? 0.0f : y));
+}
+
+// Natural log for finite x > 0 (Box-Muller only feeds u in [1e-7, 1)).
+inline float log(float x) {
+  constexpr float kSqrtHalf = 0.707106781186547524f;
+  const uint32_t bits = float_to_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
+  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);  // mantissa in [0.5, 1)
+  const bool small = m < kSqrtHalf;  // move m into [sqrt(1/2), sqrt(2)) - 1
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  float y = p * m * z + e * -2.12194440e-4f - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+// sin and cos of x for |x| up to ~8192 (Box-Muller's theta is in [0, 2 pi)).
+inline void sincos(float x, float& out_sin, float& out_cos) {
+  constexpr float kFourOverPi = 1.27323954473516f;
+  constexpr float kPiOver4A = 0.78515625f;  // pi/4 = A + B + C (Cody-Waite)
+  constexpr float kPiOver4B = 2.4187564849853515625e-4f;
+  constexpr float kPiOver4C = 3.77489497744594108e-8f;
+  const bool negative = x < 0.0f;
+  const float ax = negative ? -x : x;
+  const int32_t octant = (static_cast<int32_t>(ax * kFourOverPi) + 1) & ~1;  // even octant
+  const float k = static_cast<float>(octant);
+  const float r = ((ax - k * kPiOver4A) - k * kPiOver4B) - k * kPiOver4C;
+  const float z = r * r;
+  const float cos_poly =
+      ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
+  const float sin_poly = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const bool swap = (octant & 2) != 0;
+  const float s = swap ? cos_poly : sin_poly;
+  const float c = swap ? sin_poly : cos_poly;
+  const bool flip_sin = ((octant & 4) != 0) != negative;
+  const bool flip_cos = ((octant + 2) & 4) != 0;
+  out_sin = flip_sin ? -s : s;
+  out_cos = flip_cos ? -c : c;
+}
+
+}  // namespace host_math
+#endif
 
 VITTLE_HD float log_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return logf(x);
 #else
-  return std::log(x);
+  return host_math::log(x);
 #endif
 }
 
@@ -108,7 +195,7 @@ VITTLE_HD float exp_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  return std::exp(x);
+  return host_math::exp(x);
 #endif
 }
 
@@ -117,12 +204,11 @@ VITTLE_HD void uniform_pair_to_normal(float u1, float u2, float& out_cos, float&
   u1 = u1 > kMinUniform ? u1 : kMinUniform;
   const float theta = kTwoPi * u2;
   const float radius = sqrt_f32(-2.0f * log_f32(u1));
-#if defined(__CUDA_ARCH__)
   float sin_theta, cos_theta;
+#if defined(__CUDA_ARCH__)
   sincosf(theta, &sin_theta, &cos_theta);
 #else
-  const float sin_theta = std::sin(theta);
-  const float cos_theta = std::cos(theta);
+  host_math::sincos(theta, sin_theta, cos_theta);
 #endif
   out_cos = radius * cos_theta;
   out_sin = radius * sin_theta;
@@ -209,8 +295,8 @@ VITTLE_HD BackwardElement backward_element(float g, float w, float mu, float log
   BackwardElement out;
   out.grad_h = (1.0f - s.alpha) * g;
   out.grad_mu = ag + w * diff_scaled;
-  out.grad_logvar = w * 0.5f * (var * prior.inv_var - s.kl_logvar_coef);
-  if (s.sample) out.grad_logvar += ag * eps * std_dev * 0.5f;
+  const float sample_term = s.sample ? ag * eps * std_dev * 0.5f : 0.0f;
+  out.grad_logvar = sample_term + w * 0.5f * (var * prior.inv_var - s.kl_logvar_coef);
   out.grad_prior_mu = -w * diff_scaled;
   out.grad_prior_logvar = w * 0.5f * (1.0f - (var + (mu - prior.mu) * (mu - prior.mu)) * prior.inv_var);
   return out;
