@@ -191,7 +191,7 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int) -> BatchStream:
     d = cfg.data
     dataset = LlavaDataset(d.data_path, tokenizer, image_folder=d.image_folder or None, template=d.template,
                            image_size=image_size, patch_size=patch_size, max_length=d.max_length,
-                           strict=d.strict)
+                           image_token_id=None if d.image_token_id < 0 else d.image_token_id, strict=d.strict)
     sampler = LengthGroupedSampler(dataset.lengths, dataset.is_multimodal, batch_size=d.micro_batch_size,
                                    num_replicas=world_size, rank=rank, seed=cfg.seed,
                                    mega_batch_mult=d.mega_batch_mult)

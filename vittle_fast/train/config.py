@@ -78,6 +78,7 @@ class DataSection:
     data_path: str = opt("", "LLaVA instruction JSON (required unless demo=true)")
     image_folder: str = opt("", "root of the JSON's relative image paths; empty = the JSON's directory")
     tokenizer: str = opt("", "tokenizer directory; empty = the model directory's")
+    image_token_id: int = opt(-1, "id written at image positions; -1 = the tokenizer's <image> token")
     demo: bool = opt(False, "generate (or reuse) the synthetic demo set in demo_dir and train on it")
     demo_dir: str = opt("outputs/demo_data", "where the demo set lives")
     demo_num_samples: int = opt(1000, "demo training records")
