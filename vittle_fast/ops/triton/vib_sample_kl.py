@@ -224,10 +224,10 @@ class LaunchConfig:
 
 
 # GPU tiles give each thread one Philox group: 4 consecutive elements, one randn4x call, 8-byte
-# (bf16) / 16-byte (fp32) accesses. Rows of >= 1024 columns: 1024-wide chunks, 8 warps, registers
-# left to ptxas (47-74, no spills). Shorter rows: [512 // block, block] tiles, 4 warps, maxnreg=128:
+# (bf16) / 16-byte (fp32) accesses. Rows of > 512 columns: 1024-wide chunks, 8 warps, registers
+# left to ptxas (39-75, no spills). Shorter rows: [512 // block, block] tiles, 4 warps, maxnreg=128:
 # left alone, ptxas trims those multi-row tiles to 64 registers and spills 8-24 bytes; with the cap
-# it uses 72-104 and spills none, still 4 programs per SM. Evidence: docs/triton.md (AOT sweep).
+# it uses 48-116 and spills none, still 4 programs per SM. Evidence: docs/triton.md (AOT sweep).
 GPU_MAX_BLOCK = 1024
 GPU_SHORT_ROW_MAX_REGISTERS = 128
 GPU_PROGRAMS_PER_SM = 4  # learnable-prior backward: bounds the [2, programs, D] partials buffer
