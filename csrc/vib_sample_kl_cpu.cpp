@@ -15,6 +15,15 @@
 #include <type_traits>
 #include <vector>
 
+// The row loops are compiled for AVX-512, AVX2 and baseline x86-64 and the best is picked when the
+// library loads (GCC function multiversioning). With -ffp-contract=off every version rounds alike,
+// so results do not depend on the CPU either.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VITTLE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VITTLE_CPU_CLONES
+#endif
+
 namespace vittle_fast {
 namespace {
 
@@ -69,7 +78,7 @@ struct RowScratch {
 
 // The contract's noise for row `row` (elements k = row*D .. row*D + D - 1); returns a pointer to
 // the row's first element. Each of the row's counters is evaluated once.
-const float* row_noise(const FusedCall& call, int64_t row, RowScratch& scratch) {
+VITTLE_CPU_CLONES const float* row_noise(const FusedCall& call, int64_t row, RowScratch& scratch) {
   const uint64_t first_k = static_cast<uint64_t>(row) * static_cast<uint64_t>(call.dim);
   const uint64_t first_counter = call.offset + first_k / kNormalsPerCounter;
   const int64_t first_lane = static_cast<int64_t>(first_k % kNormalsPerCounter);
@@ -127,7 +136,7 @@ float fixed_order_sum(const float* x, int64_t n) {
 // folds away; `ivdep` because outputs are fresh allocations that never alias the inputs (the
 // number of pointers is past g++'s limit for runtime alias checks).
 template <typename scalar_t, bool kSample>
-void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t* stats,
+VITTLE_CPU_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t* stats,
                   const PriorColumns::View priors, scalar_t* z_hat, float* kl, const FusedCall& call,
                   RowScratch& scratch) {
   const int64_t d = call.dim;
@@ -154,7 +163,7 @@ void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t*
 // Backward of rows [begin, end); with kLearnablePrior, adds this range's prior-gradient terms into
 // prior_partial ([2, D]: d/dmu_p then d/dlv_p).
 template <typename scalar_t, bool kSample, bool kLearnablePrior>
-void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
+VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
                    const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h, scalar_t* grad_stats,
                    float* prior_partial, const FusedCall& call, RowScratch& scratch) {
   const int64_t d = call.dim;

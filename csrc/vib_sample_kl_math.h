@@ -106,9 +106,9 @@ inline float exp(float x) {
   constexpr float kLn2Hi = 0.693359375f;  // ln 2 = hi + lo (Cody-Waite)
   constexpr float kLn2Lo = -2.12194440e-4f;
   const float clipped = x > kMaxArg ? kMaxArg : (x < kMinArg ? kMinArg : x);
-  const float shifted = clipped * kLog2e + 0.5f;
-  float n = static_cast<float>(static_cast<int32_t>(shifted));  // floor(x log2 e + 1/2)
-  n = n > shifted ? n - 1.0f : n;
+  // n = round(x log2 e) by the 1.5 * 2^23 trick: branch-free, so the loops stay vectorizable.
+  constexpr float kRoundMagic = 12582912.0f;
+  const float n = (clipped * kLog2e + kRoundMagic) - kRoundMagic;
   const float r = clipped - n * kLn2Hi - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
