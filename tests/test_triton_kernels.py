@@ -186,3 +186,21 @@ def test_gpu_launch_configs_are_the_ahead_of_time_compiled_ones(monkeypatch):
 def test_interpreter_launch_config_uses_few_programs():
     config = kernels.launch_config(1000, 257, torch.device("cpu"), bounded_programs=False)
     assert config.block >= 257 + 3 and config.num_programs(1000) <= 16
+
+
+def test_nan_logvar_propagates_like_the_reference():
+    """The clamp keeps NaN (as torch.clamp does) instead of silently turning it into a bound."""
+    h, stats, _ = make_inputs(3, 5, torch.float32, learnable_prior=False)
+    stats[1, 5 + 2] = float("nan")
+    scalars = dict(alpha=0.5, seed=3, offset=0, prior_mu=None, prior_logvar=None, clamp_lo=CLAMP[0],
+                   clamp_hi=CLAMP[1], kl_logvar_coef=1.0, sample=True)
+    z_hat, kl = kernels.forward(h, stats, **scalars)
+    ref_z_hat, ref_kl = vib_sample_kl_reference(h, stats, 0.5, normal_noise(3, 0, 3, 5), logvar_clamp=CLAMP)
+    assert torch.equal(z_hat.isnan(), ref_z_hat.isnan()) and torch.equal(kl.isnan(), ref_kl.isnan())
+    assert kl.isnan().tolist() == [False, True, False]
+
+
+def test_package_reports_available_under_the_interpreter():
+    import vittle_fast.ops.triton as package
+
+    assert package.is_available() and package.load_error() == ""

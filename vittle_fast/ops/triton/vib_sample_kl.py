@@ -24,6 +24,7 @@ One forward kernel (noise -> sample -> interpolate -> per-token KL) and one back
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -90,10 +91,11 @@ def _element_offsets(rows, cols, D):
 
 @triton.jit
 def _load_posterior(stats_ptr, mu_offsets, mask, D, clamp_lo, clamp_hi):
-    """mu and clamped logvar (stats = [mu | logvar], each half D wide) in fp32."""
+    """mu and clamped logvar (stats = [mu | logvar], each half D wide) in fp32; a NaN logvar stays
+    NaN, as with torch.clamp (a plain max/min would turn it into a clamp bound)."""
     mu = tl.load(stats_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
     logvar = tl.load(stats_ptr + mu_offsets + D, mask=mask, other=0.0).to(tl.float32)
-    return mu, tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+    return mu, tl.clamp(logvar, clamp_lo, clamp_hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _load_prior(prior_mu_ptr, prior_logvar_ptr, cols, col_mask, clamp_lo, clamp_
     if LEARNABLE_PRIOR:
         mu_p = tl.load(prior_mu_ptr + cols, mask=col_mask, other=0.0)
         logvar_p = tl.load(prior_logvar_ptr + cols, mask=col_mask, other=0.0)
-        logvar_p = tl.minimum(tl.maximum(logvar_p, clamp_lo), clamp_hi)
+        logvar_p = tl.clamp(logvar_p, clamp_lo, clamp_hi, propagate_nan=tl.PropagateNan.ALL)
         inv_var_p = tl.exp(-logvar_p)
     else:
         mu_p = tl.zeros((BLOCK,), tl.float32)
@@ -284,6 +286,11 @@ def launch_config(n_rows: int, d: int, device: torch.device, *, bounded_programs
 # --------------------------------------------------------------------------------------------
 # Launchers (interfaces.md §A): inputs already validated, contiguous, on one device
 # --------------------------------------------------------------------------------------------
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (no-op on CPU)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi,
             kl_logvar_coef, sample, *, config: LaunchConfig | None = None):
     """(z_hat [N, D] h.dtype, kl [N] fp32). ``config`` overrides the launch choice (tests)."""
@@ -293,13 +300,14 @@ def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, cla
     if n_rows == 0:
         return z_hat, kl
     config = config or launch_config(n_rows, d, h.device, bounded_programs=False)
-    _vib_sample_kl_fwd_kernel[(config.num_programs(n_rows),)](
-        h, stats, prior_mu, prior_logvar, z_hat, kl,
-        n_rows, d, config.tiles_per_program,
-        alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
-        LEARNABLE_PRIOR=prior_mu is not None, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
-        num_warps=config.num_warps, maxnreg=config.max_registers,
-    )
+    with _on_device(h):
+        _vib_sample_kl_fwd_kernel[(config.num_programs(n_rows),)](
+            h, stats, prior_mu, prior_logvar, z_hat, kl,
+            n_rows, d, config.tiles_per_program,
+            alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
+            LEARNABLE_PRIOR=prior_mu is not None, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
+            num_warps=config.num_warps, maxnreg=config.max_registers,
+        )
     return z_hat, kl
 
 
@@ -314,14 +322,15 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
     num_programs = config.num_programs(n_rows) if n_rows else 0
     partials = torch.empty((2, num_programs, d), dtype=torch.float32, device=stats.device) if learnable else None
     if n_rows:
-        _vib_sample_kl_bwd_kernel[(num_programs,)](
-            grad_z_hat, grad_kl, stats, prior_mu, prior_logvar,
-            grad_h, grad_stats, partials,
-            n_rows, d, config.tiles_per_program,
-            alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
-            LEARNABLE_PRIOR=learnable, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
-            num_warps=config.num_warps, maxnreg=config.max_registers,
-        )
+        with _on_device(stats):
+            _vib_sample_kl_bwd_kernel[(num_programs,)](
+                grad_z_hat, grad_kl, stats, prior_mu, prior_logvar,
+                grad_h, grad_stats, partials,
+                n_rows, d, config.tiles_per_program,
+                alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
+                LEARNABLE_PRIOR=learnable, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
+                num_warps=config.num_warps, maxnreg=config.max_registers,
+            )
     if not learnable:
         return grad_h, grad_stats, None, None
     # Fixed-order reductions over programs (zeros when N = 0); two sums so the grads don't alias.
