@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import vittle_fast.train.checkpoint as checkpoint_module
 import vittle_fast.train.trainer as trainer_module
@@ -72,6 +73,54 @@ def test_two_process_fsdp_matches_one_process(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.tensor(list(losses(tmp_path / "bf16").values())),
                                torch.tensor(list(one.values())), **BF16_VS_FP32_LOSS)
+
+
+def test_activation_checkpointing_changes_nothing(data_dir, tmp_path):
+    """Recomputing blocks in backward (non-reentrant) gives the losses of storing activations."""
+    common = ["--max_steps", "3"]
+    main(tiny_args(data_dir, tmp_path / "off", *common))
+    reference = torch.tensor(list(losses(tmp_path / "off").values()))
+    for mode in (["parallel.activation_checkpointing=full"],
+                 ["parallel.activation_checkpointing=every_k", "parallel.ac_every_k=2"]):
+        main(tiny_args(data_dir, tmp_path / mode[0][-5:], *common, *mode))
+        torch.testing.assert_close(torch.tensor(list(losses(tmp_path / mode[0][-5:]).values())), reference,
+                                   **TOL["fp32_sum"])
+
+
+def test_accumulation_equals_one_big_micro_batch(data_dir, tmp_path):
+    """One optimizer step over micro-batches [a], [b] == one over [a, b]: same loss, same updated
+    weights (the CE is normalised by the step's global target count before any backward)."""
+    from torch.distributed.tensor import DTensor
+
+    from vittle_fast.train.build import build_data, build_model, trainable_parameters
+    from vittle_fast.train.metrics import StepAccumulator
+    from vittle_fast.train.parallel import apply_fsdp, build_mesh, init_distributed
+
+    cfg = parse_args(tiny_args(data_dir, tmp_path, "data.micro_batch_size=2"))
+    info = init_distributed()
+    try:
+        data = build_data(cfg, 0, 1)
+        both = data.next_batch(torch.device("cpu"))
+        halves = [{k: v if k == "n_skipped" else v[i:i + 1] for k, v in both.items()} for i in range(2)]
+        results = []
+        for micro_batches in ([both], halves):
+            torch.manual_seed(0)
+            model = build_model(cfg, data.vocab_size, data.image_token_id)
+            apply_fsdp(model, build_mesh(info, 1), "float32", "float32")
+            params = trainable_parameters(model)
+            optimizer = trainer_module.build_optimizer(params, cfg)
+            acc = StepAccumulator(info.device)
+            # alpha 0: no noise (each micro-batch draws its own stream, by design)
+            trainer_module.train_step(model, optimizer, params, micro_batches, 5, 0.0, cfg, info, acc)
+            totals = acc.reduce_and_reset(1)
+            results.append((totals, [p.full_tensor() if isinstance(p, DTensor) else p for p in params]))
+    finally:
+        dist.destroy_process_group()
+    (one, params_one), (two, params_two) = results
+    for key in ("loss", "ce", "kl_v", "kl_t", "grad_norm"):
+        assert one[key] == pytest.approx(two[key], rel=TOL["fp32_sum"]["rtol"]), key
+    for a, b in zip(params_one, params_two):
+        torch.testing.assert_close(a, b, **TOL["fp32_sum"])
 
 
 @pytest.mark.parametrize("how", ["crash_after_save", "stop_at_step"])
@@ -152,7 +201,6 @@ def test_non_finite_step_is_skipped_without_update(data_dir, tmp_path, monkeypat
 def test_target_count_matches_the_model(data_dir, tmp_path):
     """The trainer's pre-backward target count equals the model's own n_targets (packed too)."""
     from vittle_fast.train.build import build_data, build_model
-    import torch.distributed as dist
 
     cfg = parse_args(tiny_args(data_dir, tmp_path, "data.packing=true", "data.micro_batch_size=3"))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

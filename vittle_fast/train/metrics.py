@@ -58,10 +58,11 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key in name), None)
 
 
-def training_flops_per_token(num_params_llm: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """6N for the decoder's matmuls (forward + backward) plus 12·L·d·S for attention scores and
-    values (the PaLM appendix-B estimate torchtitan uses). The frozen vision tower is excluded."""
-    return 6.0 * num_params_llm + 12.0 * num_layers * hidden * seq_len
+def training_flops_per_token(matmul_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """6N for the decoder blocks' and LM head's matmuls (forward + backward; embedding lookups are
+    not matmuls) plus 12·L·d·S for attention scores and values (the PaLM appendix-B estimate
+    torchtitan uses). The frozen vision tower and the bottleneck are not counted."""
+    return 6.0 * matmul_params + 12.0 * num_layers * hidden * seq_len
 
 
 class GpuTelemetry:

@@ -59,7 +59,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     data = build_data(cfg, info.rank, info.world_size)
     model = build_model(cfg, vocab_size=data.vocab_size, image_token_id=data.image_token_id)
     model.validate_inputs = False  # the collator expands <image> itself; the check costs a host sync
-    llm_params = count_params(model.language_model)
+    matmul_params = count_params(model.language_model.layers) + model.language_model.lm_head.weight.numel()
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every_k)
     apply_fsdp(model, build_mesh(info, cfg.parallel.replicate), cfg.parallel.param_dtype, cfg.parallel.reduce_dtype)
     model.train()
@@ -91,7 +91,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     clock = Throughput()
     peak = gpu_peak_flops(info.device)
     flops_per_token = training_flops_per_token(
-        llm_params, len(model.language_model.layers), model.language_model.config.hidden_size, cfg.data.max_length
+        matmul_params, len(model.language_model.layers), model.language_model.config.hidden_size, cfg.data.max_length
     )
 
     end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
