@@ -44,8 +44,10 @@ class ReleasedVittleLayer(nn.Module):
                  clamp: float = 2.3025):
         super().__init__()
         self.layer = layer
-        self.mlp_v = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 2 * hidden_size))
-        self.mlp_t = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.mlp_v, self.mlp_t = (
+            nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 2 * hidden_size))
+            for _ in range(2)
+        )
         self.num_visual_positions = num_visual_positions
         self.beta, self.clamp = beta, clamp
         self.alpha = 0.0
@@ -71,9 +73,10 @@ class ReleasedVittleLayer(nn.Module):
 
 def build(mode: str, args) -> LlavaVittle:
     torch.manual_seed(0)
-    text = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                                    num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                                    num_key_value_heads=args.hidden // 64, tie_word_embeddings=False)
+    text = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                                    intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+                                    num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+                                    tie_word_embeddings=False)
     vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=args.image_size, patch_size=8)
     layer = args.layers * 3 // 4 - 1
@@ -165,7 +168,8 @@ def main(argv=None) -> dict:
         "flop_overhead_vs_baseline": {mode: flops[mode] / flops["baseline"] - 1 for mode in ("released", "fused")},
         "torch_threads": torch.get_num_threads(),
     }
-    print(f"tokens/step {result['tokens_per_step']}, {args.steps} timed steps per mode, {torch.get_num_threads()} threads")
+    print(f"tokens/step {result['tokens_per_step']}, {args.steps} timed steps per mode, "
+          f"{torch.get_num_threads()} threads")
     for mode in modes:
         line = f"  {mode:9s} step min {fastest[mode] * 1e3:7.1f} ms, median {median[mode] * 1e3:7.1f} ms"
         if mode != "baseline":

@@ -10,18 +10,15 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from vittle_fast import models
-from vittle_fast.models.llava import LlavaVittle
-from vittle_fast.data.collate import LlavaCollator
-from vittle_fast.data.dataset import LlavaDataset
+from vittle_fast.data import LengthGroupedSampler, LlavaCollator, LlavaDataset
 from vittle_fast.data.demo import make_demo_dataset
-from vittle_fast.data.sampler import LengthGroupedSampler
+from vittle_fast.models import LlavaVittle, clip_from_hf, llama_from_hf, llava_from_hf
 from vittle_fast.nn import VittleConfig
 
 from .config import TrainConfig, apply_overrides
 
 
-def vittle_config(cfg: TrainConfig, num_layers: int):
+def vittle_config(cfg: TrainConfig, num_layers: int) -> VittleConfig | None:
     """`vittle_fast.nn.VittleConfig` from the config section, or None for the baseline."""
     v = cfg.vittle
     if not v.enabled:
@@ -40,7 +37,7 @@ def vittle_config(cfg: TrainConfig, num_layers: int):
     )
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> LlavaVittle:
     """LlavaVittle with the stage's trainable set: stage 1 the projector only; stage 2 everything
     except the vision tower. Built on the CPU with the run seed (identical on every rank)."""
     m = cfg.model
@@ -69,8 +66,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> torch
         )
     elif m.source == "hf_llava":
         depth = _decoder_depth(Path(m.path))
-        model = models.llava_from_hf(m.path, vittle=vittle_config(cfg, depth), vision_path=m.vision_path or None,
-                                     image_token_id=image_token_id)
+        model = llava_from_hf(m.path, vittle=vittle_config(cfg, depth), vision_path=m.vision_path or None,
+                              image_token_id=image_token_id)
         if not cfg.vittle.enabled:
             model.bottleneck = None  # baseline: a checkpoint's own bottleneck is dropped, not trained
     else:
@@ -88,7 +85,7 @@ def _llava_from_parts(cfg: TrainConfig, image_token_id: int) -> LlavaVittle:
     """Pretrained Llama + pretrained CLIP + a fresh projector (and bottleneck): LLaVA stage 1's start.
     The shell is built on the meta device so no random decoder is materialised and thrown away."""
     m = cfg.model
-    llm, vision = models.llama_from_hf(m.llm_path), models.clip_from_hf(m.vision_path)
+    llm, vision = llama_from_hf(m.llm_path), clip_from_hf(m.vision_path)
     with torch.device("meta"):
         model = LlavaVittle(llm.config, vision.config, image_token_id,
                             vittle=vittle_config(cfg, llm.config.num_hidden_layers),
@@ -192,6 +189,8 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int) -> BatchStream:
     dataset = LlavaDataset(d.data_path, tokenizer, image_folder=d.image_folder or None, template=d.template,
                            image_size=image_size, patch_size=patch_size, max_length=d.max_length,
                            image_token_id=None if d.image_token_id < 0 else d.image_token_id, strict=d.strict)
+    if len(dataset) == 0:
+        raise ValueError(f"data.data_path {d.data_path!r} holds no records")
     sampler = LengthGroupedSampler(dataset.lengths, dataset.is_multimodal, batch_size=d.micro_batch_size,
                                    num_replicas=world_size, rank=rank, seed=cfg.seed,
                                    mega_batch_mult=d.mega_batch_mult)

@@ -30,11 +30,13 @@ def opt(default: Any, help: str) -> Any:
 class ModelSection:
     """Where the model comes from. `source="tiny"` builds a random model from the dims below."""
 
-    source: Literal["tiny", "hf_llava", "hf_parts"] = opt("tiny", "tiny random model | local HF LLaVA dir | local Llama + CLIP dirs")
+    source: Literal["tiny", "hf_llava", "hf_parts"] = opt("tiny", "random tiny | HF LLaVA dir | HF Llama + CLIP dirs")
     path: str = opt("", "hf_llava: local LlavaForConditionalGeneration directory")
     llm_path: str = opt("", "hf_parts: local Llama directory")
-    vision_path: str = opt("", "hf_parts: local CLIP (vision) directory; the projector starts random")
-    stage: Literal[1, 2] = opt(2, "1 = projector alignment (only the projector trains); 2 = projector + LLM + bottleneck")
+    vision_path: str = opt("", "hf_parts: local CLIP directory (the projector starts random); hf_llava: the CLIP "
+                           "directory a released Vittle checkpoint names")
+    stage: Literal[1, 2] = opt(2,
+                               "1 = projector alignment (only the projector trains); 2 = projector + LLM + bottleneck")
     vision_feature_layer: int = opt(-2, "CLIP hidden state fed to the projector")
     vocab_size: int = opt(0, "tiny: vocabulary size; 0 = the tokenizer's")
     hidden_size: int = opt(64, "tiny: decoder width")
@@ -56,15 +58,18 @@ class VittleSection:
     """The bottleneck (DESIGN.md §1). `enabled=false` trains the plain LLaVA baseline."""
 
     enabled: bool = opt(True, "false = LLaVA baseline without the bottleneck")
-    layer_v: int = opt(-1, "0-based decoder block whose output the visual bottleneck transforms; -1 = 3/4 depth (24 of 32)")
+    layer_v: int = opt(-1,
+                       "0-based decoder block whose output the visual bottleneck transforms; -1 = 3/4 depth (24 of 32)")
     layer_t: int = opt(-1, "same for text tokens")
     beta_v: float = opt(0.1, "weight of the visual KL (mean over tokens and dims)")
     beta_t: float = opt(0.1, "weight of the text KL")
     prior: Literal["fixed", "learnable"] = opt("fixed", "Vittle (F): N(0, I); Vittle (L): learnable mean/log-variance")
     kl_form: Literal["standard", "released"] = opt("standard", "Eq. 8, or the released code's 1 + lv/2 variant")
-    kl_text_tokens: Literal["prompt", "all"] = opt("prompt", "text tokens in the text KL: prompt (label ignored) or all")
-    logvar_clamp: tuple[float, float] | None = opt((-2.3025, 2.3025), "[lo, hi] clamp of log-variances (straight-through); null = off")
-    alpha_schedule: Literal["cosine", "sigmoid"] = opt("cosine", "ramp of the interpolation weight: paper (cosine) or released code (sigmoid)")
+    kl_text_tokens: Literal["prompt", "all"] = opt("prompt",
+                                                   "text tokens in the text KL: prompt (label ignored) or all")
+    logvar_clamp: tuple[float, float] | None = opt((-2.3025, 2.3025),
+                                                   "[lo, hi] clamp of log-variances (straight-through); null = off")
+    alpha_schedule: Literal["cosine", "sigmoid"] = opt("cosine", "alpha ramp: paper (cosine) / released code")
     alpha_end: float = opt(0.5, "final alpha (also the inference value)")
     alpha_k: float = opt(10.0, "sigmoid steepness")
     alpha_t0: float = opt(0.5, "sigmoid midpoint, as a fraction of max_steps")
@@ -123,7 +128,7 @@ class LoggingSection:
 @dataclass
 class ParallelSection:
     replicate: int = opt(1, "> 1: HSDP, replicate x (world/replicate) shard mesh (e.g. the number of nodes)")
-    param_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "FSDP compute dtype of parameters (and of the frozen CLIP weights)")
+    param_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "FSDP compute dtype (also CLIP storage)")
     reduce_dtype: Literal["bfloat16", "float32"] = opt("float32", "FSDP gradient reduction dtype")
     activation_checkpointing: Literal["off", "full", "every_k"] = opt("off", "recompute decoder blocks in backward")
     ac_every_k: int = opt(2, "every_k: checkpoint every k-th block")

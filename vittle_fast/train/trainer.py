@@ -215,7 +215,8 @@ def train_step(model, optimizer, params, micro_batches, step, alpha, cfg: TrainC
 
     acc.add(loss=torch.nan_to_num(local_loss), ce=torch.nan_to_num(ce_part),
             kl_v=kl_v, kl_t=kl_t, grad_norm=torch.nan_to_num(grad_norm.double()),
-            tokens=tokens, skipped_records=skipped_records, skipped_steps=found_inf / info.world_size, steps=1.0 / info.world_size)
+            tokens=tokens, skipped_records=skipped_records, skipped_steps=found_inf / info.world_size,
+            steps=1.0 / info.world_size)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
