@@ -199,3 +199,27 @@ def test_meta_kernels_give_output_shapes():
         h, torch.empty(4, device="meta"), stats, 0.5, 1, 0, prior, prior, *CLAMP, 1.0, True
     )
     assert [tuple(g.shape) for g in grads] == [(4, 8), (4, 16), (8,), (8,)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU cost model of benchmarks/ (hand-counted oracles)
+# ------------------------------------------------------------------------------------------------
+def test_gpu_model_counts_eager_kernels_and_bytes():
+    from benchmarks.gpu_model import _KernelCounter
+
+    a = torch.empty(4, 8, device="meta")  # 128 bytes each
+    b = torch.empty(4, 8, device="meta")
+    with _KernelCounter() as counter:
+        (a + b).chunk(2)  # one kernel: reads 2 x 128 B, writes 128 B; chunk is a view
+        torch.randn_like(a)  # one kernel: writes 128 B, reads nothing
+        torch.empty_like(a)  # no kernel
+    assert (counter.cost.launches, counter.cost.bytes) == (2, 3 * 128 + 128)
+
+
+def test_gpu_model_fused_io_matches_the_contract():
+    from benchmarks.gpu_model import fused_cost
+
+    n, d = 2, 3  # bf16: h 12 B, stats 24 B, z_hat 12 B, kl 8 B (fp32)
+    assert fused_cost(n, d, torch.bfloat16, "fwd").bytes == 12 + 24 + 12 + 8
+    # + backward: grad_z_hat 12, grad_kl 8, stats 24 -> grad_h 12, grad_stats 24
+    assert fused_cost(n, d, torch.bfloat16, "fwd+bwd").bytes == 56 + 12 + 8 + 24 + 12 + 24
