@@ -54,15 +54,15 @@ class Variant:
 
     def source(self) -> ASTSource:
         """The ASTSource the JIT would build for this specialisation."""
-        io = f"*{self.dtype}"
+        tensor = f"*{self.dtype}"
         prior = "*fp32" if self.learnable_prior else "constexpr"
         if self.kernel == "fwd":
-            pointers = {"h_ptr": io, "stats_ptr": io, "prior_mu_ptr": prior, "prior_logvar_ptr": prior,
-                        "z_hat_ptr": io, "kl_ptr": "*fp32"}
+            pointers = {"h_ptr": tensor, "stats_ptr": tensor, "prior_mu_ptr": prior, "prior_logvar_ptr": prior,
+                        "z_hat_ptr": tensor, "kl_ptr": "*fp32"}
         else:
-            pointers = {"grad_z_hat_ptr": io, "grad_kl_ptr": "*fp32", "stats_ptr": io,
-                        "prior_mu_ptr": prior, "prior_logvar_ptr": prior, "grad_h_ptr": io,
-                        "grad_stats_ptr": io, "prior_partials_ptr": prior}
+            pointers = {"grad_z_hat_ptr": tensor, "grad_kl_ptr": "*fp32", "stats_ptr": tensor,
+                        "prior_mu_ptr": prior, "prior_logvar_ptr": prior, "grad_h_ptr": tensor,
+                        "grad_stats_ptr": tensor, "prior_partials_ptr": prior}
         scalars = {"n_rows": "i32", "D": "i32", "tiles_per_program": "i32", "alpha": "fp32",
                    "seed": "i64", "offset": "i64", "clamp_lo": "fp32", "clamp_hi": "fp32",
                    "kl_logvar_coef": "fp32"}
