@@ -163,7 +163,8 @@ class LlavaVittle(nn.Module):
         """Projected patch features of every image, flattened to [n_images * P, D_text]."""
         with torch.no_grad():
             patches = self.vision_tower(pixel_values, self.vision_feature_layer)
-        return self.projector(patches.to(self.projector.linear_1.weight.dtype)).flatten(0, 1)
+        # Flatten before projecting: a 2-D Linear output is not a view, which FSDP2's hooks need.
+        return self.projector(patches.flatten(0, 1).to(self.projector.linear_1.weight.dtype))
 
     def _check_inputs(self, input_ids, pixel_values, labels=None, attention_mask=None, position_ids=None):
         if input_ids.ndim != 2 or input_ids.dtype != torch.int64:
