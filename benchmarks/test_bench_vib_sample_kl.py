@@ -10,7 +10,7 @@ import torch
 from benchmarks.vib_sample_kl_providers import DTYPES, MODES, PROVIDERS, QUICK, SHAPES, make_inputs, provider_fn, run_step
 from vittle_fast.ops import cpp
 
-ROUNDS = 2 if QUICK else 3
+ROUNDS = 2 if QUICK else 5
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
