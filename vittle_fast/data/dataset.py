@@ -71,16 +71,7 @@ class LlavaDataset(Dataset):
         image_std: Sequence[float] = CLIP_STD,
         strict: bool = False,
     ):
-        if isinstance(data, (str, os.PathLike)):
-            with open(data, encoding="utf-8") as f:
-                self.records = json.load(f)
-            default_folder = os.path.dirname(os.path.abspath(data))
-        elif isinstance(data, Sequence):
-            self.records, default_folder = list(data), os.getcwd()
-        else:
-            raise TypeError(f"data must be a JSON path or a list of records, got {type(data).__name__}")
-        if not isinstance(self.records, list):
-            raise ValueError("data must hold a JSON list of records")
+        self.records, default_folder = _load_records(data)
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
         if not getattr(tokenizer, "is_fast", False):
@@ -176,6 +167,19 @@ class LlavaDataset(Dataset):
                 return preprocess_image(image, self.image_size, self.image_mean, self.image_std)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise BadRecordError("corrupt_image", f"{path}: {error}") from None
+
+
+def _load_records(data) -> tuple[list, str]:
+    """(records, default image folder): a JSON file's directory, or the working directory."""
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, encoding="utf-8") as f:
+            records = json.load(f)
+        if not isinstance(records, list):
+            raise ValueError(f"data file {data} must hold a JSON list of records")
+        return records, os.path.dirname(os.path.abspath(data))
+    if isinstance(data, Sequence):
+        return list(data), os.getcwd()
+    raise TypeError(f"data must be a JSON path or a list of records, got {type(data).__name__}")
 
 
 def _image_paths(image) -> list[str] | None:
