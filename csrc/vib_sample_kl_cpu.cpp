@@ -1,9 +1,10 @@
 // CPU kernel of the fused Vittle op: at::parallel_for over tokens, fp32 math from the shared header.
 //
-// Noise is generated one row at a time: the row's Philox counters are evaluated once each (four
-// normals per counter) into a scratch buffer, so no counter is evaluated twice. The prior gradient
-// is reduced deterministically: rows are cut into chunks of a fixed size (independent of the thread
-// count), each chunk writes its own partial sums, and the partials are added in chunk order.
+// Noise is generated one row at a time: each of the row's Philox counters is evaluated once (four
+// normals per counter; a counter straddling two rows, once per row) into a scratch buffer, then one
+// fused, vectorized loop does the element math. The prior gradient is reduced deterministically:
+// rows are cut into chunks of a fixed size (independent of the thread count), each chunk writes its
+// own partial sums, and the partials are added in chunk order.
 #include "vib_sample_kl.h"
 
 #include <ATen/Dispatch.h>
@@ -77,7 +78,7 @@ struct RowScratch {
 };
 
 // The contract's noise for row `row` (elements k = row*D .. row*D + D - 1); returns a pointer to
-// the row's first element. Each of the row's counters is evaluated once.
+// the row's first element.
 VITTLE_CPU_CLONES const float* row_noise(const FusedCall& call, int64_t row, RowScratch& scratch) {
   const uint64_t first_k = static_cast<uint64_t>(row) * static_cast<uint64_t>(call.dim);
   const uint64_t first_counter = call.offset + first_k / kNormalsPerCounter;
