@@ -1,7 +1,9 @@
 // Per-element math of the fused Vittle op, shared by the CPU and the CUDA kernels.
 //
-// Everything here is `__host__ __device__` so the CPU kernel (compiled by g++) runs exactly the
-// arithmetic the CUDA kernel runs; the CPU tests therefore exercise the CUDA kernel's math.
+// Everything here is `__host__ __device__` so the CPU kernel (compiled by g++) runs the arithmetic
+// the CUDA kernel runs; the CPU tests therefore exercise the CUDA kernel's math. The one difference
+// is exp / log / sin / cos: CUDA's own functions on the device, branch-free polynomials on the host
+// (host_math below, <= 1 ulp) so that g++ can vectorize the CPU loops.
 // Contract: DESIGN.md §2 and notes/interfaces.md §A.
 //
 //  * Noise is Triton's `tl.randn4x(seed, c)`: Philox4x32-10 on the counter
