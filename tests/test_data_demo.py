@@ -133,3 +133,10 @@ def test_pipeline_with_workers(demo):
         assert ((batch["labels"] != -100).sum(1) > 0).all()
         n_rows += batch["input_ids"].shape[0]
     assert n_rows == len(sampler)
+
+
+def test_validates_arguments(tmp_path):
+    with pytest.raises(ValueError, match="n_train"):
+        make_demo_dataset(tmp_path / "x", n_train=0)
+    with pytest.raises(ValueError, match="image_size"):
+        make_demo_dataset(tmp_path / "x", image_size=True)

@@ -8,7 +8,7 @@ import torch
 
 from .conversation import IGNORE_INDEX
 from .dataset import LlavaDataset, Sample, Skipped
-from .errors import SKIP_KINDS
+from .errors import SKIP_KINDS, check_int
 
 PAD, TEXT, VISUAL = 0, 1, 2  # modality ids
 
@@ -26,12 +26,10 @@ class LlavaCollator:
 
     def __init__(self, *, pad_token_id: int, image_token_id: int, image_size: int,
                  pack: bool = False, pad_to_multiple_of: int = 1):
-        for name, value in (("pad_token_id", pad_token_id), ("image_token_id", image_token_id)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        for name, value in (("image_size", image_size), ("pad_to_multiple_of", pad_to_multiple_of)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("pad_token_id", pad_token_id, minimum=0)
+        check_int("image_token_id", image_token_id, minimum=0)
+        check_int("image_size", image_size)
+        check_int("pad_to_multiple_of", pad_to_multiple_of)
         if pad_token_id == image_token_id:
             raise ValueError("pad_token_id must differ from image_token_id")
         self.pad_token_id = pad_token_id

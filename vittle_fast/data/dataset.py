@@ -22,7 +22,7 @@ from .conversation import (
     tokenize_rendered,
     truncate,
 )
-from .errors import BadRecordError
+from .errors import BadRecordError, check_int
 from .image import CLIP_MEAN, CLIP_STD, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,9 @@ class LlavaDataset(Dataset):
             raise ValueError("template='chat_template' needs a tokenizer with a chat_template")
         if template == "vicuna_v1" and (tokenizer.eos_token is None or tokenizer.bos_token_id is None):
             raise ValueError("template='vicuna_v1' needs a tokenizer with bos and eos tokens")
-        for name, value in (("image_size", image_size), ("patch_size", patch_size),
-                            ("max_length", max_length)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("image_size", image_size)
+        check_int("patch_size", patch_size)
+        check_int("max_length", max_length)
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
         if image_token_id is None:

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .conversation import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM, render_vicuna_v1
+from .errors import check_int
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (230, 200, 30)}
@@ -202,10 +203,9 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 1000, n_val:
     and renames it into place, so concurrent callers (several ranks) and interrupted runs never
     leave a half-written set behind.
     """
-    for name, value, low in (("n_train", n_train, 1), ("n_val", n_val, 0), ("seed", seed, 0),
-                             ("image_size", image_size, 8), ("vocab_size", vocab_size, 300)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value, minimum in (("n_train", n_train, 1), ("n_val", n_val, 0), ("seed", seed, 0),
+                                 ("image_size", image_size, 8), ("vocab_size", vocab_size, 300)):
+        check_int(name, value, minimum)
     params = {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
               "image_size": image_size, "vocab_size": vocab_size}
     root = Path(out_dir)

@@ -1,4 +1,4 @@
-"""Kinds of bad records and the error raised for them under ``strict=True``."""
+"""Kinds of bad records, the error raised for them under ``strict=True``, argument checks."""
 
 from __future__ import annotations
 
@@ -19,3 +19,9 @@ class BadRecordError(ValueError):
     def __reduce__(self):
         # Keep the two-argument constructor when the error crosses a DataLoader worker boundary.
         return type(self), (self.kind, self.message)
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """Raise ValueError naming the argument unless ``value`` is an int >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

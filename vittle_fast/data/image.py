@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import check_int
+
 # OpenAI CLIP statistics (the values CLIPImageProcessor ships with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,8 +44,7 @@ def preprocess_image(
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    check_int("image_size", image_size)
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std must have 3 entries, got {len(mean)} and {len(std)}")
     rgb = image.convert("RGB")

@@ -8,6 +8,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .errors import check_int
+
 
 class LengthGroupedSampler(Sampler[int]):
     """Shard a dataset over data-parallel ranks in micro-batches of similar length and one modality.
@@ -46,14 +48,13 @@ class LengthGroupedSampler(Sampler[int]):
             num_replicas = dist.get_world_size() if distributed else 1
         if rank is None:
             rank = dist.get_rank() if distributed else 0
-        for name, value in (("batch_size", batch_size), ("num_replicas", num_replicas),
-                            ("mega_batch_mult", mega_batch_mult)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        check_int("batch_size", batch_size)
+        check_int("num_replicas", num_replicas)
+        check_int("mega_batch_mult", mega_batch_mult)
+        check_int("seed", seed, minimum=0)
+        check_int("rank", rank, minimum=0)
+        if rank >= num_replicas:
+            raise ValueError(f"rank must be < num_replicas={num_replicas}, got {rank}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.is_multimodal = np.asarray(is_multimodal, dtype=bool)
         self.batch_size = batch_size
@@ -98,15 +99,13 @@ class LengthGroupedSampler(Sampler[int]):
         return self.num_samples - self.position
 
     def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        check_int("epoch", epoch, minimum=0)
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
     def advance(self, num_batches: int = 1) -> None:
         """Record that the trainer consumed ``num_batches`` more micro-batches of this epoch."""
-        if not isinstance(num_batches, int) or num_batches < 0:
-            raise ValueError(f"num_batches must be a non-negative int, got {num_batches!r}")
+        check_int("num_batches", num_batches, minimum=0)
         position = self.position + num_batches * self.batch_size
         if position > self.num_samples:
             raise ValueError(f"num_batches={num_batches} would move past the epoch's "
