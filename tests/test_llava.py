@@ -142,6 +142,20 @@ def test_batch_without_images_gives_zero_gradients():
     assert all(p.grad is None for p in model.vision_tower.parameters())  # frozen
 
 
+def test_empty_micro_batch_gives_zero_losses_and_zero_gradients():
+    """A micro-batch whose records were all skipped has zero rows; every rank must still run the
+    step (FSDP's collectives), so it must produce zero losses and a zero gradient everywhere."""
+    model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN, VittleConfig(layer_v=1, layer_t=1)).train()
+    empty = torch.zeros(0, 0, dtype=torch.int64)
+    out = model(empty, labels=empty, attention_mask=empty.bool(), position_ids=empty,
+                pixel_values=torch.zeros(0, 3, 28, 28), vittle_alpha=ALPHA, noise_seed=SEED)
+    assert out.n_targets.item() == 0 and out.ce_sum.item() == 0.0 and out.vittle_loss.item() == 0.0
+    (out.ce_sum + out.vittle_loss).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and not param.grad.any(), name
+
+
 def test_packed_sequence_boundary_is_not_a_target():
     model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN)
     input_ids = torch.randint(0, IMAGE_TOKEN, (1, 10))

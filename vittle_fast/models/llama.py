@@ -295,7 +295,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_index, k, v)
         out = causal_attention(q, k, v, segment_ids)
-        return self.o_proj(out.reshape(batch, seq, -1))
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):
