@@ -56,21 +56,19 @@ tl = pytest.importorskip("triton.language")
 
 
 @triton.jit
-def _randint4x_kernel(out_ptr, seed, offset, n_counters, BLOCK: tl.constexpr):
+def _philox_kernel(out_ptr, seed, offset, n_counters, NORMAL: tl.constexpr, BLOCK: tl.constexpr):
+    """Triton's own stream: ``tl.randn4x`` (NORMAL) or ``tl.randint4x`` lanes, four per counter."""
     idx = tl.arange(0, BLOCK)
     mask = idx < n_counters
-    r0, r1, r2, r3 = tl.randint4x(seed, offset + idx.to(tl.int64))
-    for lane, r in enumerate((r0, r1, r2, r3)):
-        tl.store(out_ptr + idx * 4 + lane, r.to(tl.int64, bitcast=False) & 0xFFFFFFFF, mask=mask)
-
-
-@triton.jit
-def _randn4x_kernel(out_ptr, seed, offset, n_counters, BLOCK: tl.constexpr):
-    idx = tl.arange(0, BLOCK)
-    mask = idx < n_counters
-    n0, n1, n2, n3 = tl.randn4x(seed, offset + idx.to(tl.int64))
-    for lane, n in enumerate((n0, n1, n2, n3)):
-        tl.store(out_ptr + idx * 4 + lane, n, mask=mask)
+    counters = offset + idx.to(tl.int64)
+    if NORMAL:
+        lanes = tl.randn4x(seed, counters)
+    else:
+        lanes = tl.randint4x(seed, counters)
+    for lane, value in enumerate(lanes):
+        if not NORMAL:
+            value = value.to(tl.int64) & 0xFFFFFFFF
+        tl.store(out_ptr + idx * 4 + lane, value, mask=mask)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
@@ -80,11 +78,11 @@ def test_oracle_equals_triton_randint4x_and_randn4x(seed, offset):
     n_counters = 64
     seed_int64 = seed - 2**64 if seed >= 2**63 else seed
     ints = torch.zeros(n_counters * 4, dtype=torch.int64)
-    _randint4x_kernel[(1,)](ints, seed_int64, offset, n_counters, BLOCK=n_counters)
+    _philox_kernel[(1,)](ints, seed_int64, offset, n_counters, NORMAL=False, BLOCK=n_counters)
     counters = offset + torch.arange(n_counters, dtype=torch.int64)
     assert torch.equal(ints.view(-1, 4), philox_uint32(seed, counters))
 
     normals = torch.zeros(n_counters * 4, dtype=torch.float32)
-    _randn4x_kernel[(1,)](normals, seed_int64, offset, n_counters, BLOCK=n_counters)
+    _philox_kernel[(1,)](normals, seed_int64, offset, n_counters, NORMAL=True, BLOCK=n_counters)
     torch.testing.assert_close(normals, normal_noise(seed, offset, 1, n_counters * 4).flatten(), **TOL["noise"])
     assert math.isfinite(normals.abs().max().item())
