@@ -8,12 +8,15 @@
     fused      Vittle with vittle_fast's bottleneck (exact modality rows, one fused op per
                modality: in-op Philox noise, interpolation and KL, no host sync)
 
-Every mode trains the same tiny model (same init, same batch) with AdamW; steps of the three modes
-are interleaved so machine noise hits all of them alike. Ratios use each mode's fastest step (the
-least-disturbed sample on a shared machine); medians are printed too. The bottleneck's share of the FLOPs
-(torch.utils.flop_counter) is printed as the floor any implementation pays.
+Every mode trains the same tiny model (same init, same batch, the same MLP rows: the released split
+puts prompt + image rows in its "visual" MLP, ours only the image rows, and both MLPs together see
+every token) with AdamW. Steps are run in rounds, one step of every mode per round, the order rotating
+each round, so machine noise hits all modes alike. The overhead of a mode is the median over rounds of
+its step time divided by the baseline's step time *of the same round* (paired ratios cancel slow drifts
+of a shared machine); the spread is the interquartile range of those ratios. The bottleneck's share of
+the FLOPs (torch.utils.flop_counter) is printed as the floor any implementation pays.
 
-    python -m benchmarks.step_overhead [--steps 20] [--hidden 256] [--json out.json]
+    python -m benchmarks.step_overhead [--steps 60] [--hidden 256] [--json out.json]
 
 On a CPU the "released" costs that matter most on a GPU (the host->device copy of the noise, the
 host syncs) are nearly free, so the CPU ratios understate the GPU gap; see docs/training.md.
@@ -33,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vittle_fast.models import LlavaVittle
 from vittle_fast.nn import VittleConfig
+from vittle_fast.ops.vib_sample_kl import resolve_backend
 
 IMAGE_TOKEN_ID = 3
 
@@ -123,9 +127,15 @@ def step_flops(mode: str, model, batch) -> int:
     return counter.get_total_flops()
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile)."""
+    low, mid, high = statistics.quantiles(values, n=4)
+    return low, mid, high
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, default=60, help="timed rounds (one step per mode each)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -149,7 +159,8 @@ def main(argv=None) -> dict:
     times = {mode: [] for mode in modes}
     for step in range(args.warmup + args.steps):
         alpha = 0.5 * step / (args.warmup + args.steps)
-        for mode in modes:  # interleaved: drifts in machine load hit every mode alike
+        shift = step % len(modes)
+        for mode in modes[shift:] + modes[:shift]:  # rotated: no mode always runs first or last
             start = time.perf_counter()
             loss_of(mode, models[mode], batch, alpha).backward()
             optimizers[mode].step()
@@ -157,27 +168,28 @@ def main(argv=None) -> dict:
             if step >= args.warmup:
                 times[mode].append(time.perf_counter() - start)
 
-    median = {mode: statistics.median(t) for mode, t in times.items()}
-    fastest = {mode: min(t) for mode, t in times.items()}
+    overhead = {mode: quartiles([t / b - 1 for t, b in zip(times[mode], times["baseline"])])
+                for mode in modes[1:]}
     result = {
         "config": vars(args),
         "tokens_per_step": int(batch["input_ids"].numel()),
-        "median_step_s": median,
-        "min_step_s": fastest,
-        "overhead_vs_baseline": {mode: fastest[mode] / fastest["baseline"] - 1 for mode in ("released", "fused")},
-        "flop_overhead_vs_baseline": {mode: flops[mode] / flops["baseline"] - 1 for mode in ("released", "fused")},
+        "step_s_quartiles": {mode: quartiles(t) for mode, t in times.items()},
+        "overhead_vs_baseline_quartiles": overhead,
+        "flop_overhead_vs_baseline": {mode: flops[mode] / flops["baseline"] - 1 for mode in modes[1:]},
         "torch_threads": torch.get_num_threads(),
+        "fused_backend": resolve_backend(args.backend, "cpu"),
     }
-    print(f"tokens/step {result['tokens_per_step']}, {args.steps} timed steps per mode, "
-          f"{torch.get_num_threads()} threads")
+    print(f"tokens/step {result['tokens_per_step']}, {args.steps} rounds (one step per mode each), "
+          f"{torch.get_num_threads()} threads, fused backend {result['fused_backend']!r}; "
+          "median [interquartile range]")
     for mode in modes:
-        line = f"  {mode:9s} step min {fastest[mode] * 1e3:7.1f} ms, median {median[mode] * 1e3:7.1f} ms"
+        low, mid, high = result["step_s_quartiles"][mode]
+        line = f"  {mode:9s} step {mid * 1e3:6.1f} ms [{low * 1e3:6.1f}, {high * 1e3:6.1f}]"
         if mode != "baseline":
-            line += (f"   overhead vs baseline {result['overhead_vs_baseline'][mode]:+7.1%}"
+            low, mid, high = overhead[mode]
+            line += (f"   overhead vs baseline {mid:+6.1%} [{low:+6.1%}, {high:+6.1%}]"
                      f"   (FLOP floor {result['flop_overhead_vs_baseline'][mode]:+.1%})")
         print(line)
-    released, fused = result["overhead_vs_baseline"]["released"], result["overhead_vs_baseline"]["fused"]
-    print(f"  fused / released overhead ratio: {fused / released:.2f}" if released > 0 else "")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
