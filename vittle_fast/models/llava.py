@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vittle_fast.nn.bottleneck import VittleBottleneck, VittleConfig, split_token_rows
+from vittle_fast.nn.bottleneck import MODALITIES, VittleBottleneck, VittleConfig, split_token_rows
 
 from .clip import CLIPVisionTower
 from .llama import Llama
@@ -108,7 +108,13 @@ class BottleneckHook:
             return hidden
         rows = self._rows(first_position, hidden.shape[1])
         flat = hidden.flatten(0, 1)
-        for modality in modalities:  # layer_v == layer_t: both modalities at the same point
+        if len(modalities) == 2:  # layer_v == layer_t: both at the same point, one permutation of the rows
+            order = torch.cat([rows[m][0] for m in MODALITIES])
+            masks = {m: rows[m][1] for m in MODALITIES}
+            flat, kl = self.bottleneck.forward_both(flat, order, rows["visual"][0].numel(), masks, **self.noise)
+            self.kl.update(kl)
+        else:
+            (modality,) = modalities
             flat, self.kl[modality] = self.bottleneck(flat, modality, *rows[modality], **self.noise)
         return flat.view_as(hidden)
 

@@ -145,9 +145,49 @@ class VittleBottleneck(nn.Module):
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if hidden.ndim != 2:
             raise ValueError(f"hidden must be flat token rows [N, D], got shape {tuple(hidden.shape)}")
-        if rows.shape != kl_mask.shape:
-            raise ValueError(f"rows {tuple(rows.shape)} and kl_mask {tuple(kl_mask.shape)} must match")
-        tokens = hidden.index_select(0, rows)
+        z_hat, kl_mean = self._transform(hidden.index_select(0, rows), modality, kl_mask, alpha, noise_seed,
+                                         noise_offset)
+        return hidden.index_copy(0, rows, z_hat), kl_mean
+
+    def forward_both(
+        self,
+        hidden: torch.Tensor,
+        order: torch.Tensor,
+        num_visual: int,
+        kl_masks: dict[str, torch.Tensor],
+        *,
+        alpha: float,
+        noise_seed: int,
+        noise_offset: int = 0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Both modalities at once, when they share a layer: the same result as ``forward`` for the
+        visual rows ``order[:num_visual]`` and then for the text rows ``order[num_visual:]``.
+
+        ``order`` is a permutation of all ``N`` rows, visual rows first (``split_token_rows``);
+        ``kl_masks[modality]`` follows the modality's rows. Why: two ``forward`` calls copy the whole
+        hidden state four times (an out-of-place ``index_copy`` each way per call) and scatter the
+        gradients into zero-filled buffers; permuting the rows once there and once back moves each row
+        once per direction, and the two modalities are contiguous views in between.
+
+        Returns ``(hidden with every row transformed, {modality: KL mean})``.
+        """
+        if hidden.ndim != 2 or order.shape != hidden.shape[:1]:
+            raise ValueError(f"order {tuple(order.shape)} must list every row of hidden {tuple(hidden.shape)}")
+        if not 0 <= num_visual <= order.numel():
+            raise ValueError(f"num_visual must be in [0, {order.numel()}], got {num_visual}")
+        inverse = inverse_permutation(order)
+        tokens = _PermuteRows.apply(hidden, order, inverse)
+        z_hats, kl_means = [], {}
+        for modality, part in zip(MODALITIES, tokens.split([num_visual, order.numel() - num_visual])):
+            z_hat, kl_means[modality] = self._transform(part, modality, kl_masks[modality], alpha, noise_seed,
+                                                        noise_offset)
+            z_hats.append(z_hat)
+        return _PermuteRows.apply(torch.cat(z_hats), inverse, order), kl_means
+
+    def _transform(self, tokens, modality, kl_mask, alpha, noise_seed, noise_offset):
+        """MLP + fused op on one modality's gathered tokens: ``(z_hat, KL mean over kl_mask)``."""
+        if tokens.shape[:1] != kl_mask.shape:
+            raise ValueError(f"{modality} rows ({tokens.shape[0]}) and kl_mask {tuple(kl_mask.shape)} must match")
         prior_mu, prior_logvar = self.prior(modality)
         z_hat, kl = vib_sample_kl(
             tokens,
@@ -163,5 +203,24 @@ class VittleBottleneck(nn.Module):
             backend=self.config.backend,
         )
         kl_sum = torch.where(kl_mask, kl, 0.0).sum()  # where, not a product: padding rows may hold anything
-        kl_mean = kl_sum / kl_mask.sum().clamp(min=1).to(kl.dtype)
-        return hidden.index_copy(0, rows, z_hat), kl_mean
+        return z_hat, kl_sum / kl_mask.sum().clamp(min=1).to(kl.dtype)
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``inverse`` with ``inverse[order[i]] = i`` (a scatter, no sort, no host sync)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(0, order)`` for a permutation ``order`` with inverse ``inverse``: its gradient is
+    a gather by ``inverse``, one pass, instead of autograd's zero-fill + ``index_add`` for a general index."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
