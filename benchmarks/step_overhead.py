@@ -175,6 +175,7 @@ def main(argv=None) -> dict:
         "tokens_per_step": int(batch["input_ids"].numel()),
         "step_s_quartiles": {mode: quartiles(t) for mode, t in times.items()},
         "overhead_vs_baseline_quartiles": overhead,
+        "fused_vs_released_quartiles": quartiles([f / r - 1 for f, r in zip(times["fused"], times["released"])]),
         "flop_overhead_vs_baseline": {mode: flops[mode] / flops["baseline"] - 1 for mode in modes[1:]},
         "torch_threads": torch.get_num_threads(),
         "fused_backend": resolve_backend(args.backend, "cpu"),
@@ -190,6 +191,8 @@ def main(argv=None) -> dict:
             line += (f"   overhead vs baseline {mid:+6.1%} [{low:+6.1%}, {high:+6.1%}]"
                      f"   (FLOP floor {result['flop_overhead_vs_baseline'][mode]:+.1%})")
         print(line)
+    low, mid, high = result["fused_vs_released_quartiles"]
+    print(f"  fused step / released step - 1 (paired per round): {mid:+.1%} [{low:+.1%}, {high:+.1%}]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
