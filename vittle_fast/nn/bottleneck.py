@@ -2,8 +2,10 @@
 
 The module works on flat token rows: the caller (``LlavaVittle``) flattens the hidden state to
 [B*S, D] and gives, per modality, the row indices of its tokens and a boolean mask saying which of them
-count in the KL. Tokens are gathered with ``index_select`` and written back with ``index_copy``
-(out of place, so autograd is happy); the rest of the hidden state is never sliced or concatenated.
+count in the KL. ``forward`` (one modality) gathers its tokens with ``index_select`` and writes them
+back with an out-of-place ``index_copy``; ``forward_both`` (both modalities at the same layer, the
+default) permutes all rows once into [visual | text] order and once back, which moves each row once
+per direction instead of copying the whole hidden state per call.
 
 Host syncs: none. Index lists have host-known lengths (see :func:`split_token_rows`), the KL means
 divide by a clamped on-device count, and an empty modality runs the MLP on zero rows, so its
