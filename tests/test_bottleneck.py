@@ -122,3 +122,33 @@ def test_config_and_argument_validation():
     with pytest.raises(ValueError, match="flat token rows"):
         bottleneck(torch.randn(1, 3, D), "text", torch.arange(3), torch.ones(3, dtype=torch.bool), alpha=0.1,
                    noise_seed=0)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("prior", ["fixed", "learnable"])
+def test_forward_both_equals_two_single_modality_calls(backend, prior):
+    """The one-permutation path (layer_v == layer_t) is the two-call path, bit for bit, gradients too."""
+    torch.manual_seed(3)
+    n, num_visual = 23, 9
+    is_visual = torch.zeros(n, dtype=torch.bool)
+    is_visual[torch.randperm(n)[:num_visual]] = True
+    rows_v, rows_t = split_token_rows(is_visual, num_visual)
+    masks = {"visual": torch.rand(num_visual) < 0.7, "text": torch.rand(n - num_visual) < 0.5}
+    hidden = torch.randn(n, D)
+    results = []
+    for both in (True, False):
+        torch.manual_seed(5)  # identical parameters (and non-zero learnable priors) for both paths
+        bottleneck = make_bottleneck(backend, prior).train()
+        leaf = hidden.clone().requires_grad_()
+        noise = dict(alpha=ALPHA, noise_seed=SEED, noise_offset=OFFSET)
+        if both:
+            out, kl = bottleneck.forward_both(leaf, torch.cat([rows_v, rows_t]), num_visual, masks, **noise)
+        else:
+            out, kl = leaf, {}
+            for modality, rows in (("visual", rows_v), ("text", rows_t)):
+                out, kl[modality] = bottleneck(out, modality, rows, masks[modality], **noise)
+        loss = (out * torch.linspace(-1, 1, D)).sum() + 3 * kl["visual"] + 2 * kl["text"]
+        grads = torch.autograd.grad(loss, [leaf, *bottleneck.parameters()])
+        results.append([out.detach(), kl["visual"].detach(), kl["text"].detach(), *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -168,8 +168,8 @@ class VittleBottleneck(nn.Module):
         ``order`` is a permutation of all ``N`` rows, visual rows first (``split_token_rows``);
         ``kl_masks[modality]`` follows the modality's rows. Why: two ``forward`` calls copy the whole
         hidden state four times (an out-of-place ``index_copy`` each way per call) and scatter the
-        gradients into zero-filled buffers; permuting the rows once there and once back moves each row
-        once per direction, and the two modalities are contiguous views in between.
+        gradients into zero-filled buffers; here one permutation gathers the rows (the two modalities
+        are then contiguous views) and each transformed row is written once into a fresh output.
 
         Returns ``(hidden with every row transformed, {modality: KL mean})``.
         """
@@ -177,14 +177,15 @@ class VittleBottleneck(nn.Module):
             raise ValueError(f"order {tuple(order.shape)} must list every row of hidden {tuple(hidden.shape)}")
         if not 0 <= num_visual <= order.numel():
             raise ValueError(f"num_visual must be in [0, {order.numel()}], got {num_visual}")
-        inverse = inverse_permutation(order)
-        tokens = _PermuteRows.apply(hidden, order, inverse)
-        z_hats, kl_means = [], {}
-        for modality, part in zip(MODALITIES, tokens.split([num_visual, order.numel() - num_visual])):
+        tokens = _PermuteRows.apply(hidden, order, inverse_permutation(order))
+        split = [num_visual, order.numel() - num_visual]
+        out = torch.empty_like(hidden)  # every row is written below, each exactly once
+        kl_means = {}
+        for modality, part, rows in zip(MODALITIES, tokens.split(split), order.split(split)):
             z_hat, kl_means[modality] = self._transform(part, modality, kl_masks[modality], alpha, noise_seed,
                                                         noise_offset)
-            z_hats.append(z_hat)
-        return _PermuteRows.apply(torch.cat(z_hats), inverse, order), kl_means
+            out.index_copy_(0, rows, z_hat)  # back in place of the tokens it replaces; grad: one gather
+        return out, kl_means
 
     def _transform(self, tokens, modality, kl_mask, alpha, noise_seed, noise_offset):
         """MLP + fused op on one modality's gathered tokens: ``(z_hat, KL mean over kl_mask)``."""
