@@ -9,7 +9,7 @@ For these memory-bound passes the model is bytes / bandwidth:
 - ``compile``: AOTAutograd's partitioned forward and backward graphs (what Inductor compiles), each
   assumed fused into one kernel that reads the graph inputs and writes the graph outputs once
   (a lower bound: Inductor may split a graph into more kernels).
-- ``fused`` (our C++/CUDA and Triton kernels): from their I/O contract (DESIGN.md §2): forward reads
+- ``fused`` (our C++/CUDA and Triton kernels): from their I/O contract (docs/DESIGN.md §2): forward reads
   ``h`` and ``stats`` and writes ``z_hat`` and ``kl``; backward reads ``grad_z_hat``, ``grad_kl`` and
   ``stats`` and writes ``grad_h`` and ``grad_stats``; one launch per pass (noise in registers).
 

@@ -4,7 +4,7 @@
 // the CUDA kernel runs; the CPU tests therefore exercise the CUDA kernel's math. The one difference
 // is exp / log / sin / cos: CUDA's own functions on the device, branch-free polynomials on the host
 // (host_math below, <= 1 ulp) so that g++ can vectorize the CPU loops.
-// Contract: DESIGN.md §2 and notes/interfaces.md §A.
+// Contract: docs/DESIGN.md §2 and docs/interfaces.md §A.
 //
 //  * Noise is Triton's `tl.randn4x(seed, c)`: Philox4x32-10 on the counter
 //    (c & 0xffffffff, c >> 32, 0, 0) with key (seed & 0xffffffff, seed >> 32), where
@@ -223,7 +223,7 @@ VITTLE_HD float normal_at(int64_t seed, uint64_t offset, uint64_t k) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Per-element forward / backward formulas (interfaces.md §A)
+// Per-element forward / backward formulas (docs/interfaces.md §A)
 // ------------------------------------------------------------------------------------------------
 
 // Scalars that are the same for every element of a call.

@@ -1,4 +1,4 @@
-"""Ahead-of-time GPU compile of every Triton kernel of the op, with no GPU (DESIGN.md §4).
+"""Ahead-of-time GPU compile of every Triton kernel of the op, with no GPU (docs/DESIGN.md §4).
 
 Runs ``python -m vittle_fast.ops.triton.aot`` in a subprocess WITHOUT ``TRITON_INTERPRET`` (this
 test session has it set, and the interpreter replaces the jit functions), then checks the printed

@@ -1,6 +1,6 @@
 """Kernel-level tests of the Triton backend, beyond the shared backend suite (test_vib_sample_kl.py).
 
-They call the launchers directly (interfaces.md §A) with forced launch configurations, to hit the
+They call the launchers directly (docs/interfaces.md §A) with forced launch configurations, to hit the
 kernel's own edges: Philox-group alignment at row starts (D % 4 != 0, D < 4), several chunks per row
 (D > BLOCK), row tiles and programs that are partly or entirely past the last row, counters and
 keys that need their high 32-bit words, and 64-bit index arithmetic. Oracles: the PyTorch reference

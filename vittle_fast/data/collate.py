@@ -1,4 +1,4 @@
-"""Collator: samples -> the batch dict of interfaces.md B (right padding or packing)."""
+"""Collator: samples -> the batch dict of docs/interfaces.md B (right padding or packing)."""
 
 from __future__ import annotations
 

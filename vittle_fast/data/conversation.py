@@ -4,7 +4,7 @@ The conversation is rendered to one string together with the character spans of 
 replies (each including its end-of-turn token). The string is tokenized once with offsets, so the
 ids are exactly the tokenizer's ids for the whole prompt (as LLaVA tokenizes), and a token is a
 target iff it starts inside a reply span -- no per-tokenizer "minus two" arithmetic. Every
-``<image>`` placeholder becomes ``num_image_tokens`` copies of ``image_token_id`` (interfaces.md B).
+``<image>`` placeholder becomes ``num_image_tokens`` copies of ``image_token_id`` (docs/interfaces.md B).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ HF's rotate-half layout, so HF weights load by a key rename with no q/k permutat
 Attention goes through one function, :func:`causal_attention`: flash-attn's varlen kernel when it is
 importable and the tensors are on CUDA, else ``scaled_dot_product_attention`` with an explicit
 block-diagonal causal mask. Packed sequences are signalled the usual way: ``position_ids`` restart at 0
-at the start of every packed sequence (interfaces.md §B).
+at the start of every packed sequence (docs/interfaces.md §B).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LLaVA-1.5 assembly (CLIP tower -> mlp2x_gelu projector -> Llama) with Vittle's bottleneck.
 
-Image tokens follow the llava-hf convention (interfaces.md §B): the collator expands each ``<image>``
+Image tokens follow the llava-hf convention (docs/interfaces.md §B): the collator expands each ``<image>``
 into ``(image_size // patch_size) ** 2`` copies of ``image_token_id``; the model writes the projected
 patch features into exactly those positions, in order. The modality of every token therefore comes
 from where features were written (visual), ``attention_mask`` (padding) and the rest (text), never
@@ -120,7 +120,7 @@ class BottleneckHook:
 
 
 class LlavaVittle(nn.Module):
-    """LLaVA-1.5 with an optional Vittle bottleneck (interfaces.md §B).
+    """LLaVA-1.5 with an optional Vittle bottleneck (docs/interfaces.md §B).
 
     The CLIP tower is frozen and always runs under ``torch.no_grad()``. ``validate_inputs`` (default
     True) checks that the image-token count matches the images given; it costs one host sync per

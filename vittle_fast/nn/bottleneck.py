@@ -29,7 +29,7 @@ NOISE_CALL_INDEX = {"visual": 0, "text": 1}
 
 @dataclass
 class VittleConfig:
-    """Where and how strongly the bottleneck acts (DESIGN.md §1).
+    """Where and how strongly the bottleneck acts (docs/DESIGN.md §1).
 
     ``layer_v`` / ``layer_t`` are 0-based decoder-layer indices: the bottleneck transforms the output
     of ``layers[layer_v]`` (visual tokens) and ``layers[layer_t]`` (text tokens), as the released

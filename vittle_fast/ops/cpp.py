@@ -1,4 +1,4 @@
-"""Launcher of the compiled C++ (CPU) / CUDA backend of ``vib_sample_kl`` (interfaces.md §A).
+"""Launcher of the compiled C++ (CPU) / CUDA backend of ``vib_sample_kl`` (docs/interfaces.md §A).
 
 The kernels live in the extension ``vittle_fast._C`` (built by ``setup.py`` from ``csrc/``), which
 registers ``torch.ops.vittle_fast.fused_sample_kl_fwd`` / ``fused_sample_kl_bwd``. Importing this
@@ -55,7 +55,7 @@ def has_cuda() -> bool:
 
 
 def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample):
-    """``(z_hat [N, D] h.dtype, kl [N] float32)``; arguments as in interfaces.md §A."""
+    """``(z_hat [N, D] h.dtype, kl [N] float32)``; arguments as in docs/interfaces.md §A."""
     return torch.ops.vittle_fast.fused_sample_kl_fwd(
         h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample
     )

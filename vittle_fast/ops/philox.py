@@ -1,6 +1,6 @@
 """Philox4x32-10 noise of the op contract, in plain PyTorch.
 
-This is the noise oracle every backend is checked against (DESIGN.md §2). It reproduces Triton's
+This is the noise oracle every backend is checked against (docs/DESIGN.md §2). It reproduces Triton's
 ``tl.randint4x`` / ``tl.randn4x`` exactly: counter ``(c & 0xffffffff, c >> 32, 0, 0)``, key
 ``(seed & 0xffffffff, seed >> 32)``, ten rounds, Triton's uint -> uniform mapping and its Box-Muller.
 

@@ -2,7 +2,7 @@
 
 Layers, Liger-Kernel style: backend launchers (``triton/``, ``cpp.py``) -> two
 ``torch.library.custom_op``s (forward, backward) wired with ``register_autograd`` -> the functional
-API ``vib_sample_kl`` that validates arguments and picks a backend. The contract is DESIGN.md §2.
+API ``vib_sample_kl`` that validates arguments and picks a backend. The contract is docs/DESIGN.md §2.
 
 Only ``stats``, the priors and a few scalars are saved for backward: the noise is regenerated from
 ``(seed, offset)`` and ``h`` is not needed because ``dL/dh = (1 - alpha) * dL/dz_hat``.

@@ -55,7 +55,7 @@ class ModelSection:
 
 @dataclass
 class VittleSection:
-    """The bottleneck (DESIGN.md §1). `enabled=false` trains the plain LLaVA baseline."""
+    """The bottleneck (docs/DESIGN.md §1). `enabled=false` trains the plain LLaVA baseline."""
 
     enabled: bool = opt(True, "false = LLaVA baseline without the bottleneck")
     layer_v: int = opt(-1,

@@ -1,4 +1,4 @@
-"""Noise-stream addressing for the bottleneck (DESIGN.md §5).
+"""Noise-stream addressing for the bottleneck (docs/DESIGN.md §5).
 
 The noise of every bottleneck call is a pure function of (run seed, step, micro-batch, rank,
 call), so a resumed run redraws exactly the same noise without saving any RNG state.

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -90,4 +90,7 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, param_dtype: str, reduc
     fully_shard(model.projector, mesh=mesh, mp_policy=mp_policy)
     if model.bottleneck is not None:
         fully_shard(model.bottleneck, mesh=mesh, mp_policy=mp_policy)
+        # Called directly (not through __call__) when both modalities share a layer: FSDP must
+        # still all-gather the bottleneck's parameters around it.
+        register_fsdp_forward_method(model.bottleneck, "forward_both")
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)

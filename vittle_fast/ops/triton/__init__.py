@@ -1,4 +1,4 @@
-"""Triton backend of the fused ops (launcher interface: interfaces.md §A).
+"""Triton backend of the fused ops (launcher interface: docs/interfaces.md §A).
 
 Importing this package never fails: without triton, ``is_available()`` is False and
 ``load_error()`` says why. The kernels are decorated when this package is imported, so

@@ -1,4 +1,4 @@
-"""Triton kernels and launchers of the fused Vittle op (contract: DESIGN.md §2, interfaces.md §A).
+"""Triton kernels and launchers of the fused Vittle op (contract: docs/DESIGN.md §2, docs/interfaces.md §A).
 
 One forward kernel (noise -> sample -> interpolate -> per-token KL) and one backward kernel
 (noise regenerated -> grad_h, grad_stats and per-program prior partial sums). Design choices:
@@ -284,7 +284,7 @@ def launch_config(n_rows: int, d: int, device: torch.device, *, bounded_programs
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers (interfaces.md §A): inputs already validated, contiguous, on one device
+# Launchers (docs/interfaces.md §A): inputs already validated, contiguous, on one device
 # --------------------------------------------------------------------------------------------
 def _on_device(tensor: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's (no-op on CPU)."""
