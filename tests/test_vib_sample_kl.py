@@ -15,7 +15,7 @@ from tolerances import TOL, tol
 from vittle_fast.ops import available_backends, vib_sample_kl
 from vittle_fast.ops.philox import normal_noise
 from vittle_fast.ops.reference import vib_sample_kl_reference
-from vittle_fast.ops.vib_sample_kl import _fused_backward, _fused_forward
+from vittle_fast.ops.vib_sample_kl import _fused_backward, _fused_forward, resolve_backend
 
 KERNEL_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -312,3 +312,11 @@ def test_unavailable_backend_explains_why():
     with pytest.raises(RuntimeError, match="Available"):
         vib_sample_kl(torch.randn(2, 2, device="meta"), torch.randn(2, 4, device="meta"), 0.5, seed=0,
                       backend="cpp")
+
+
+def test_auto_backend_on_cpu_prefers_the_compiled_kernel_never_the_interpreter():
+    """'auto' picks the C++ kernel for CPU tensors when built, else the reference; the Triton
+    interpreter is a correctness tool and must never be chosen implicitly."""
+    expected = "cpp" if "cpp" in available_backends("cpu") else "reference"
+    assert resolve_backend("auto", "cpu") == expected
+    assert resolve_backend("reference", "cpu") == "reference"
