@@ -1,5 +1,6 @@
 """The PyTorch Philox oracle against an independent plain-Python Philox4x32-10 and Triton itself."""
 import math
+import os
 
 import pytest
 import torch
@@ -71,18 +72,20 @@ def _philox_kernel(out_ptr, seed, offset, n_counters, NORMAL: tl.constexpr, BLOC
         tl.store(out_ptr + idx * 4 + lane, value, mask=mask)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("seed,offset", [(0, 0), (123456789, 5), (2**40 + 3, 2**33 + 1), (2**63 + 9, 7)])
 def test_oracle_equals_triton_randint4x_and_randn4x(seed, offset):
     n_counters = 64
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     seed_int64 = seed - 2**64 if seed >= 2**63 else seed
-    ints = torch.zeros(n_counters * 4, dtype=torch.int64)
+    ints = torch.zeros(n_counters * 4, dtype=torch.int64, device=device)
     _philox_kernel[(1,)](ints, seed_int64, offset, n_counters, NORMAL=False, BLOCK=n_counters)
     counters = offset + torch.arange(n_counters, dtype=torch.int64)
-    assert torch.equal(ints.view(-1, 4), philox_uint32(seed, counters))
+    assert torch.equal(ints.cpu().view(-1, 4), philox_uint32(seed, counters))
 
-    normals = torch.zeros(n_counters * 4, dtype=torch.float32)
+    normals = torch.zeros(n_counters * 4, dtype=torch.float32, device=device)
     _philox_kernel[(1,)](normals, seed_int64, offset, n_counters, NORMAL=True, BLOCK=n_counters)
-    torch.testing.assert_close(normals, normal_noise(seed, offset, 1, n_counters * 4).flatten(), **TOL["noise"])
+    torch.testing.assert_close(normals.cpu(), normal_noise(seed, offset, 1, n_counters * 4).flatten(),
+                               **TOL["noise"])
     assert math.isfinite(normals.abs().max().item())

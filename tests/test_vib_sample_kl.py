@@ -17,7 +17,12 @@ from vittle_fast.ops.philox import normal_noise
 from vittle_fast.ops.reference import vib_sample_kl_reference
 from vittle_fast.ops.vib_sample_kl import _fused_backward, _fused_forward, resolve_backend
 
-KERNEL_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
+CPU_KERNEL_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
+# On a machine with a GPU the correctness tests also run every CUDA backend ("name@cuda"; run with
+# TRITON_INTERPRET=0 to test the compiled Triton kernels rather than the interpreter).
+KERNEL_BACKENDS = CPU_KERNEL_BACKENDS + (
+    [f"{b}@cuda" for b in available_backends("cuda") if b != "reference"] if torch.cuda.is_available() else []
+)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CLAMP = (-2.3025, 2.3025)
 ALPHA = 0.7  # not 0.5, so swapping alpha and 1 - alpha cannot pass
@@ -28,6 +33,16 @@ def test_required_backends_are_available():
     required = [b for b in os.environ.get("VITTLE_REQUIRE_BACKENDS", "").split(",") if b]
     missing = [b for b in required if b not in available_backends("cpu")]
     assert not missing, f"backends {missing} required but unavailable; available: {available_backends('cpu')}"
+
+
+def backend_device(case: str) -> tuple[str, str]:
+    """``"triton"`` -> (triton, cpu); ``"cpp@cuda"`` -> (cpp, cuda)."""
+    backend, _, device = case.partition("@")
+    return backend, device or "cpu"
+
+
+def on_device(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 def make_inputs(lead_shape, d, dtype, learnable_prior, generator_seed=0):
@@ -66,12 +81,14 @@ def reference_fn(seed, offset, alpha, **options):
 
 def check_against_reference(backend, lead_shape, d, dtype, learnable_prior, kl_form="standard",
                             logvar_clamp=CLAMP, sample=True, alpha=ALPHA, seed=1234, offset=77):
+    backend, device = backend_device(backend)
     h, stats, priors, grad_z, grad_kl = make_inputs(lead_shape, d, dtype, learnable_prior)
     options = dict(logvar_clamp=logvar_clamp, kl_form=kl_form, sample=sample)
     z, kl, grads = run(
         lambda *a, **k: vib_sample_kl(*a, alpha, seed=seed, offset=offset, backend=backend, **k, **options),
-        h, stats, priors, grad_z, grad_kl,
+        *on_device(device, h, stats), on_device(device, *priors), *on_device(device, grad_z, grad_kl),
     )
+    z, kl, grads = z.cpu(), kl.cpu(), [None if g is None else g.cpu() for g in grads]
     fp32 = lambda t: None if t is None else t.float()  # noqa: E731
     z_ref, kl_ref, grads_ref = run(
         reference_fn(seed, offset, alpha, **options),
@@ -126,10 +143,11 @@ def test_large_seed_and_offset_use_the_high_words(backend):
 # ---------------------------------------------------------------------------------------------
 def recovered_noise(backend, n, d, seed, offset):
     """With h = 0, mu = 0, lv = 0 and alpha = 1, z_hat is exactly the noise the kernel drew."""
-    h = torch.zeros(n, d)
-    stats = torch.zeros(n, 2 * d)
+    backend, device = backend_device(backend)
+    h = torch.zeros(n, d, device=device)
+    stats = torch.zeros(n, 2 * d, device=device)
     z, _ = vib_sample_kl(h, stats, 1.0, seed=seed, offset=offset, backend=backend)
-    return z
+    return z.cpu()
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -175,14 +193,16 @@ def test_noise_is_standard_normal_and_uncorrelated(backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic(backend, dtype):
-    inputs = make_inputs((3, 33), 40, dtype, learnable_prior=True)
+    backend, device = backend_device(backend)
+    h, stats, priors, grad_z, grad_kl = make_inputs((3, 33), 40, dtype, learnable_prior=True)
+    inputs = (*on_device(device, h, stats), on_device(device, *priors), *on_device(device, grad_z, grad_kl))
     call = lambda *a, **k: vib_sample_kl(*a, ALPHA, seed=3, offset=11, backend=backend, **k)  # noqa: E731
     first, second = run(call, *inputs), run(call, *inputs)
     for a, b in zip([first[0], first[1], *first[2]], [second[0], second[1], *second[2]]):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_saved_for_backward_is_only_stats(backend):
     h, stats, priors, _, _ = make_inputs((64,), 96, torch.bfloat16, learnable_prior=True)
     h.requires_grad_(), stats.requires_grad_()
@@ -199,7 +219,7 @@ def test_saved_for_backward_is_only_stats(backend):
     assert stats_bytes <= sum(saved_bytes) <= stats_bytes + 4096, saved_bytes
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("learnable_prior", [False, True])
 def test_opcheck(backend, learnable_prior):
     h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((4,), 12, torch.float32, learnable_prior)
@@ -210,7 +230,7 @@ def test_opcheck(backend, learnable_prior):
     torch.library.opcheck(_fused_backward, (grad_z, grad_kl, stats, prior_mu, prior_logvar, *scalars))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_torch_compile_fullgraph_matches_eager(backend):
     def loss_fn(h, stats, prior_mu, prior_logvar):
         z, kl = vib_sample_kl(h, stats, ALPHA, seed=42, offset=8, prior_mu=prior_mu, prior_logvar=prior_logvar,
