@@ -30,10 +30,6 @@ fi
 
 echo "== building vittle_fast._C with CUDA kernels (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}) =="
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
-# torch's CUDA headers include cuSPARSE/cuBLAS/cuSOLVER headers that a minimal toolkit may lack; the
-# nvidia-* wheels torch depends on ship them. Searched after the toolkit's own include directory.
-NVIDIA_INCLUDE=$("$VENV/bin/python" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'include'))")
-export CPLUS_INCLUDE_PATH="$NVIDIA_INCLUDE${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
 export MAX_JOBS=${MAX_JOBS:-2}
 VITTLE_FAST_BUILD_CUDA=1 "$VENV/bin/python" setup.py build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/tmp"
 
