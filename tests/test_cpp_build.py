@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_inputs import make_inputs
 from tolerances import TOL
 
 from vittle_fast.ops import cpp
@@ -128,16 +129,6 @@ def test_philox_stream_matches_triton_randint4x():
         assert torch.equal(actual, expected & 0xFFFFFFFF), f"seed {seed}"
 
 
-def _inputs(n, d, dtype, learnable_prior, generator_seed=0):
-    g = torch.Generator().manual_seed(generator_seed)
-    h = torch.randn(n, d, generator=g).to(dtype)
-    stats = torch.cat([torch.randn(n, d, generator=g), 3.0 * torch.randn(n, d, generator=g)], dim=-1).to(dtype)
-    priors = (0.5 * torch.randn(d, generator=g), 3.0 * torch.randn(d, generator=g)) if learnable_prior else (None, None)
-    grad_z = torch.randn(n, d, generator=g).to(dtype)
-    grad_kl = torch.randn(n, generator=g)
-    return h, stats, priors, grad_z, grad_kl
-
-
 @needs_cpp
 @pytest.mark.parametrize("n, d, offset", [(3, 64, 0), (5, 7, 2**33 + 1)])
 def test_noise_matches_triton_backend(n, d, offset):
@@ -155,7 +146,7 @@ def test_noise_matches_triton_backend(n, d, offset):
 @pytest.mark.parametrize("learnable_prior", [False, True])
 def test_outputs_and_gradients_match_triton_backend(learnable_prior):
     triton_backend = _triton_backend()
-    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = _inputs(6, 40, torch.float32, learnable_prior)
+    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((6,), 40, torch.float32, learnable_prior)
     scalars = (0.7, 2**40 + 3, 12, prior_mu, prior_logvar, *CLAMP, 0.5, True)
     results = {}
     for name, backend in (("cpp", cpp), ("triton", triton_backend)):
@@ -174,7 +165,7 @@ def test_results_do_not_depend_on_the_thread_count():
     """Prior gradients are reduced over fixed-size row chunks in a fixed order: bitwise equal
     whatever the number of threads (D = 1024 makes every 64-row chunk its own parallel task, and
     N spans four chunks, the last one partial)."""
-    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = _inputs(200, 1024, torch.float32, True)
+    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((200,), 1024, torch.float32, True)
     scalars = (0.3, 5, 0, prior_mu, prior_logvar, *CLAMP, 1.0, True)
     previous = torch.get_num_threads()
     runs = []

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from op_inputs import make_inputs  # noqa: E402
 from tolerances import TOL, tol  # noqa: E402
 from vittle_fast.ops.philox import normal_noise  # noqa: E402
 from vittle_fast.ops.reference import KL_LOGVAR_COEF, vib_sample_kl_reference  # noqa: E402
@@ -25,19 +26,10 @@ from vittle_fast.ops.triton.vib_sample_kl import (  # noqa: E402
 CLAMP = (-2.3025, 2.3025)
 
 
-def make_inputs(n, d, dtype, learnable_prior):
-    """Inputs whose log-variances straddle the clamp (so the straight-through path is exercised)."""
-    h = torch.randn(n, d).to(dtype)
-    stats = torch.cat([torch.randn(n, d), 2.0 * torch.randn(n, d)], dim=1).to(dtype)
-    prior = (torch.randn(d) * 0.5, torch.randn(d)) if learnable_prior else (None, None)
-    return h, stats, prior
-
-
 def kernel_and_reference(n, d, dtype=torch.float32, *, learnable_prior=True, sample=True, kl_form="standard",
                          alpha=0.6, seed=1234, offset=0, config=None):
     """Outputs and gradients of the Triton launchers and of the reference fed the oracle's noise."""
-    h, stats, (prior_mu, prior_logvar) = make_inputs(n, d, dtype, learnable_prior)
-    grad_z_hat, grad_kl = torch.randn(n, d).to(dtype), torch.randn(n)
+    h, stats, (prior_mu, prior_logvar), grad_z_hat, grad_kl = make_inputs((n,), d, dtype, learnable_prior)
     scalars = dict(alpha=alpha, seed=seed, offset=offset, prior_mu=prior_mu, prior_logvar=prior_logvar,
                    clamp_lo=CLAMP[0], clamp_hi=CLAMP[1], kl_logvar_coef=KL_LOGVAR_COEF[kl_form], sample=sample)
     z_hat, kl = kernels.forward(h, stats, config=config, **scalars)
@@ -190,7 +182,7 @@ def test_interpreter_launch_config_uses_few_programs():
 
 def test_nan_logvar_propagates_like_the_reference():
     """The clamp keeps NaN (as torch.clamp does) instead of silently turning it into a bound."""
-    h, stats, _ = make_inputs(3, 5, torch.float32, learnable_prior=False)
+    h, stats, *_ = make_inputs((3,), 5, torch.float32, learnable_prior=False)
     stats[1, 5 + 2] = float("nan")
     scalars = dict(alpha=0.5, seed=3, offset=0, prior_mu=None, prior_logvar=None, clamp_lo=CLAMP[0],
                    clamp_hi=CLAMP[1], kl_logvar_coef=1.0, sample=True)

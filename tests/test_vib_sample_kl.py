@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from op_inputs import make_inputs
 from tolerances import TOL, tol
 
 from vittle_fast.ops import available_backends, vib_sample_kl
@@ -43,21 +44,6 @@ def backend_device(case: str) -> tuple[str, str]:
 
 def on_device(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
-
-
-def make_inputs(lead_shape, d, dtype, learnable_prior, generator_seed=0):
-    """Random leaves; log-variances spread well outside the clamp so it is exercised both ways."""
-    g = torch.Generator().manual_seed(generator_seed)
-    h = torch.randn(*lead_shape, d, generator=g).to(dtype)
-    mu = torch.randn(*lead_shape, d, generator=g)
-    logvar = 3.0 * torch.randn(*lead_shape, d, generator=g)
-    stats = torch.cat([mu, logvar], dim=-1).to(dtype)
-    priors = (None, None)
-    if learnable_prior:
-        priors = (0.5 * torch.randn(d, generator=g), 3.0 * torch.randn(d, generator=g))
-    grad_z = torch.randn(*lead_shape, d, generator=g).to(dtype)
-    grad_kl = torch.randn(*lead_shape, generator=g)
-    return h, stats, priors, grad_z, grad_kl
 
 
 def run(fn, h, stats, priors, grad_z, grad_kl, **kwargs):

@@ -37,8 +37,8 @@ def _backend_module(name: str) -> tuple[ModuleType | None, str]:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # triton not installed, extension not built, ...
         return None, f"cannot import {module_name}: {exc}"
-    if not getattr(module, "is_available", lambda: False)():
-        return None, getattr(module, "load_error", lambda: f"{module_name} reports it is not usable here")()
+    if not module.is_available():
+        return None, module.load_error()
     return module, ""
 
 
@@ -51,7 +51,7 @@ def _backend_works_on(name: str, device_type: str) -> bool:
     if name == "triton" and device_type == "cpu":
         return os.environ.get("TRITON_INTERPRET") == "1"
     if name == "cpp" and device_type == "cuda":
-        return bool(getattr(module, "has_cuda", lambda: False)())
+        return module.has_cuda()
     return device_type in ("cpu", "cuda")
 
 
