@@ -51,13 +51,19 @@ class LlavaOutput:
     vittle_loss: torch.Tensor  # fp32 scalar: beta_v * kl_v + beta_t * kl_t
 
 
-def causal_lm_ce_sum(logits: torch.Tensor, labels: torch.Tensor,
-                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token CE (fp32) and target count. Token t predicts label t + 1; a label at a packed
-    sequence start (``position_ids == 0``) is not a target of the previous sequence's last token."""
+def causal_lm_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token targets [B, S-1]: token t predicts label t + 1; a label at a packed sequence start
+    (``position_ids == 0``) is not a target of the previous sequence's last token."""
     targets = labels[:, 1:]
     if position_ids is not None:
         targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
+    return targets
+
+
+def causal_lm_ce_sum(logits: torch.Tensor, labels: torch.Tensor,
+                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token CE (fp32) over ``causal_lm_targets`` and their count."""
+    targets = causal_lm_targets(labels, position_ids)
     ce_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                              ignore_index=IGNORE_INDEX, reduction="sum")
     return ce_sum, (targets != IGNORE_INDEX).sum()

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..models.llava import IGNORE_INDEX, causal_lm_targets
 from .build import build_data, build_model, count_params, resolve_demo_data, trainable_parameters
 from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, save_yaml, to_dict
@@ -160,10 +161,8 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Target tokens of a causal-LM micro-batch, counted as the model's CE does: labels shifted by
-    one, -100 ignored, and no target at a packed sequence start (position id 0)."""
-    targets = batch["labels"][:, 1:]
-    return ((targets != -100) & (batch["position_ids"][:, 1:] != 0)).sum()
+    """Target tokens of a micro-batch, by the model's own rule, known before any forward pass."""
+    return (causal_lm_targets(batch["labels"], batch["position_ids"]) != IGNORE_INDEX).sum()
 
 
 def train_step(model, optimizer, params, micro_batches, step, alpha, cfg: TrainConfig, info: DistInfo,
