@@ -231,7 +231,7 @@ struct OpScalars {
   float alpha;           // interpolation weight a
   float clamp_lo;        // log-variance clamp (-inf / +inf when disabled)
   float clamp_hi;
-  float kl_logvar_coef;  // c: 1 for Eq. 8, 0.5 for the released code's KL
+  float kl_logvar_coef;  // c: 1 for Eq. 8, 0.5 for the released code's KL (c * (lv_p - lv))
   bool sample;           // false: posterior mean, no noise
 };
 
@@ -266,7 +266,7 @@ VITTLE_HD ForwardElement forward_element(float h, float mu, float logvar, float 
   const float diff = mu - prior.mu;
   ForwardElement out;
   out.z_hat = (1.0f - s.alpha) * h + s.alpha * z_tilde;
-  out.kl = 0.5f * (prior.logvar - s.kl_logvar_coef * logvar_c + (var + diff * diff) * prior.inv_var - 1.0f);
+  out.kl = 0.5f * (s.kl_logvar_coef * (prior.logvar - logvar_c) + (var + diff * diff) * prior.inv_var - 1.0f);
   return out;
 }
 
@@ -292,7 +292,7 @@ VITTLE_HD BackwardElement backward_element(float g, float w, float mu, float log
   const float sample_term = s.sample ? ag * eps * std_dev * 0.5f : 0.0f;
   out.grad_logvar = sample_term + w * 0.5f * (var * prior.inv_var - s.kl_logvar_coef);
   out.grad_prior_mu = -w * diff_scaled;
-  out.grad_prior_logvar = w * 0.5f * (1.0f - (var + (mu - prior.mu) * (mu - prior.mu)) * prior.inv_var);
+  out.grad_prior_logvar = w * 0.5f * (s.kl_logvar_coef - (var + (mu - prior.mu) * (mu - prior.mu)) * prior.inv_var);
   return out;
 }
 

@@ -66,9 +66,10 @@ def reference_fn(seed, offset, alpha, **options):
 
 
 def check_against_reference(backend, lead_shape, d, dtype, learnable_prior, kl_form="standard",
-                            logvar_clamp=CLAMP, sample=True, alpha=ALPHA, seed=1234, offset=77):
+                            logvar_clamp=CLAMP, sample=True, alpha=ALPHA, seed=1234, offset=77, inputs=None):
+    """``inputs`` (``make_inputs``' tuple) replaces the random inputs of ``lead_shape``, ``d``."""
     backend, device = backend_device(backend)
-    h, stats, priors, grad_z, grad_kl = make_inputs(lead_shape, d, dtype, learnable_prior)
+    h, stats, priors, grad_z, grad_kl = inputs or make_inputs(lead_shape, d, dtype, learnable_prior)
     options = dict(logvar_clamp=logvar_clamp, kl_form=kl_form, sample=sample)
     z, kl, grads = run(
         lambda *a, **k: vib_sample_kl(*a, alpha, seed=seed, offset=offset, backend=backend, **k, **options),
@@ -258,13 +259,34 @@ def test_reference_kl_equals_torch_distributions():
     torch.testing.assert_close(kl, torch.distributions.kl_divergence(posterior, prior).mean(-1), **TOL["float32"])
 
 
-def test_reference_released_form_matches_released_expression():
-    """The released code's fixed-prior KL: -0.5 * (1 + lv/2 - mu^2 - exp(lv)), averaged over D."""
-    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
-    _, kl = vib_sample_kl_reference(torch.zeros(4, 3), torch.cat([mu, logvar], -1), 0.5, None,
-                                    logvar_clamp=None, kl_form="released", sample=False)
-    expected = (-0.5 * (1 + logvar / 2 - mu**2 - logvar.exp())).mean(-1)
+def released_kl(mu, logsigma_sq, mu_prior=None, logsigma_sq_prior=None):
+    """Per-token KL as the released code writes it (vittle_llama.py ``vib_kld_loss`` for the fixed
+    prior, ``vib_kld_loss_lp`` for the learnable one), averaged over D instead of over everything."""
+    logsigma = logsigma_sq / 2
+    if mu_prior is None:
+        return -0.5 * (1 + logsigma - mu.pow(2) - logsigma_sq.exp()).mean(-1)
+    logsigma_prior = logsigma_sq_prior / 2
+    return -0.5 * (1 + (logsigma - logsigma_prior) - (mu - mu_prior).pow(2) / (2 * logsigma_prior).exp()
+                   - (2 * logsigma).exp() / (2 * logsigma_prior).exp()).mean(-1)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("learnable_prior", [False, True])
+def test_released_form_matches_the_released_code(backend, learnable_prior):
+    """kl_form="released": KL and every gradient (prior_logvar's included: the released code halves
+    the prior's log-variance too) equal the released code's expression."""
+    _, stats, priors, _, grad_kl = make_inputs((6,), 5, torch.float32, learnable_prior)
+    leaves = [t.clone().requires_grad_() for t in (stats, *priors) if t is not None]
+    prior_mu, prior_logvar = leaves[1:] if learnable_prior else (None, None)
+    _, kl = vib_sample_kl(torch.zeros(6, 5), leaves[0], 0.5, seed=0, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                          logvar_clamp=None, kl_form="released", sample=False, backend=backend)
+    released = [t.clone().requires_grad_() for t in (stats, *priors) if t is not None]
+    expected = released_kl(*released[0].split(5, dim=-1), *released[1:])
     torch.testing.assert_close(kl, expected, **TOL["float32"])
+    grads = torch.autograd.grad(kl, leaves, grad_kl)
+    expected_grads = torch.autograd.grad(expected, released, grad_kl)
+    for name, got, want in zip(("stats", "prior_mu", "prior_logvar"), grads, expected_grads):
+        torch.testing.assert_close(got, want, **TOL["fp32_sum"], msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
 def test_reference_clamp_is_straight_through():
@@ -275,6 +297,41 @@ def test_reference_clamp_is_straight_through():
     torch.testing.assert_close(z, torch.exp(0.5 * torch.tensor([[-2.3025, 0.0, 2.3025]])))
     (grad,) = torch.autograd.grad(z.sum(), logvar)
     torch.testing.assert_close(grad, 0.5 * z.detach())
+
+
+EXTREME_LOGVARS = [1e7, -1e7, 1e30, -1e30, math.inf, -math.inf]
+
+
+def extreme_inputs(learnable_prior):
+    """One log-variance per token (and the prior's) far outside the clamp or infinite."""
+    n, d = len(EXTREME_LOGVARS), 4
+    h, stats, _, grad_z, grad_kl = make_inputs((n,), d, torch.float32, learnable_prior=False)
+    stats[:, d] = torch.tensor(EXTREME_LOGVARS)
+    priors = (torch.zeros(d), torch.tensor(EXTREME_LOGVARS[:d])) if learnable_prior else (None, None)
+    return h, stats, priors, grad_z, grad_kl
+
+
+@pytest.mark.parametrize("learnable_prior", [False, True])
+def test_reference_clamp_is_exact_for_extreme_logvars(learnable_prior):
+    """Straight-through clamping equals clamping beforehand, bitwise (a ``x + (clamp(x) - x).detach()``
+    clamp gives 2.0 for 1e7 and NaN for inf)."""
+    h, stats, (prior_mu, prior_logvar), _, _ = extreme_inputs(learnable_prior)
+    d = h.shape[-1]
+    noise = normal_noise(1, 0, *h.shape)
+    got = vib_sample_kl_reference(h, stats, ALPHA, noise, prior_mu, prior_logvar, logvar_clamp=CLAMP)
+    clamped = torch.cat([stats[:, :d], stats[:, d:].clamp(*CLAMP)], dim=-1)
+    prior_logvar = None if prior_logvar is None else prior_logvar.clamp(*CLAMP)
+    expected = vib_sample_kl_reference(h, clamped, ALPHA, noise, prior_mu, prior_logvar, logvar_clamp=None)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.isfinite(got[1]).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("learnable_prior", [False, True])
+def test_extreme_logvars_match_reference(backend, learnable_prior):
+    """The compiled kernels and the reference agree on outputs and every gradient at +-1e7, +-1e30, +-inf."""
+    inputs = extreme_inputs(learnable_prior)
+    check_against_reference(backend, None, None, torch.float32, learnable_prior, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def clip_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, device
 
 def _released_vittle_config(raw: dict, num_layers: int) -> VittleConfig:
     """The released trainer's settings: ``bottleneck_layeridx_*="layer-24"`` (no index: last layer),
-    ``ib_strength_*`` betas, ``learnable_prior_flag`` "L"/"F"; its KL has the ``1 + lv/2`` form."""
+    ``ib_strength_*`` betas, ``learnable_prior_flag`` "L"/"F"; its KL is ``kl_form="released"``."""
     def layer(field: str) -> int:
         parts = str(raw.get(field, "")).split("-")
         return int(parts[1]) if len(parts) > 1 else num_layers - 1

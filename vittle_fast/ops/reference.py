@@ -8,11 +8,12 @@ Vittle (Oh et al., NeurIPS 2025), for one token hidden state ``h`` with bottlene
           = mu                                posterior mean (``sample=False``, inference)
     z^    = (1 - alpha) * h + alpha * z~      interpolation (replaces h for the layers above)
     KL    = mean_j KL(N(mu_j, e^lv~_j) || N(mu_p_j, e^lv~_p_j))     (Eq. 8, averaged over D)
-          = mean_j 0.5 * (lv~_p - lv~ + (e^lv~ + (mu - mu_p)^2) / e^lv~_p - 1)
+          = mean_j 0.5 * (c * (lv~_p - lv~) + (e^lv~ + (mu - mu_p)^2) / e^lv~_p - 1),   c = 1
 
 The fixed prior is N(0, I) (mu_p = 0, lv_p = 0); the learnable prior's log-variance gets the same
-clamp. ``kl_form="released"`` reproduces the released code, whose KL has ``1 + lv/2`` where Eq. 8
-has ``1 + lv``: the ``-lv~`` term above becomes ``-lv~ / 2``.
+clamp. ``kl_form="released"`` (c = 1/2) reproduces the released code (vittle_llama.py
+``vib_kld_loss_lp``): ``-0.5 * (1 + (logsigma - logsigma_prior) - (mu - mu_p)^2 / e^lv_p - e^lv / e^lv_p)``
+with ``logsigma = lv / 2`` and ``logsigma_prior = lv_p / 2``: both log-variances are halved.
 
 Everything is computed in float32 (the kernels' register precision); ``z^`` is returned in
 ``h.dtype`` and the KL in float32. Noise is an explicit argument so tests can feed the same
@@ -25,11 +26,28 @@ import torch
 KL_LOGVAR_COEF = {"standard": 1.0, "released": 0.5}
 
 
+class _StraightThroughClamp(torch.autograd.Function):
+    """``clamp`` forward, identity backward. Not ``x + (clamp(x) - x).detach()``: that rounds
+    (``1e7 + (2.3 - 1e7)`` is 2.0 in float32) and turns +-inf into NaN."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return x.clamp(low, high)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
 def clamp_straight_through(x: torch.Tensor, bounds: tuple[float, float] | None) -> torch.Tensor:
     """Clamp in the forward pass, identity in the backward pass (as the released code does)."""
     if bounds is None:
         return x
-    return x + (x.clamp(bounds[0], bounds[1]) - x).detach()
+    return _StraightThroughClamp.apply(x, float(bounds[0]), float(bounds[1]))
 
 
 def vib_sample_kl_reference(
@@ -64,8 +82,7 @@ def vib_sample_kl_reference(
         prior_logvar_f = clamp_straight_through(prior_logvar.float(), logvar_clamp)
     coef = KL_LOGVAR_COEF[kl_form]
     kl_per_dim = 0.5 * (
-        prior_logvar_f
-        - coef * logvar
+        coef * (prior_logvar_f - logvar)
         + (torch.exp(logvar) + (mu - prior_mu_f) ** 2) * torch.exp(-prior_logvar_f)
         - 1.0
     )

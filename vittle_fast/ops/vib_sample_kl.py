@@ -222,7 +222,7 @@ def _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clam
         raise ValueError(f"stats must be on h's device {h.device}, got {stats.device}")
     if isinstance(alpha, bool) or not isinstance(alpha, (float, int)):
         raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+    if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     _check_int("seed", seed, 0, _UINT64_RANGE)
     _check_int("offset", offset, 0, _INT64_RANGE)
@@ -273,7 +273,8 @@ def vib_sample_kl(
         offset: Philox counter base; calls whose offsets differ by >= ceil(N*D/4) never share noise.
         prior_mu, prior_logvar: ``[D]`` learnable prior (both) or None for N(0, I).
         logvar_clamp: straight-through clamp of the log-variances, None to disable.
-        kl_form: ``"standard"`` (Eq. 8) or ``"released"`` (the released code's ``1 + lv/2``).
+        kl_form: ``"standard"`` (Eq. 8) or ``"released"`` (the released code's KL, which halves both
+            log-variance terms: ``1 + (lv - lv_p)/2``).
         sample: False gives the posterior mean (inference): ``z~ = mu``.
         backend: ``"reference" | "triton" | "cpp" | "auto"``.
 

@@ -64,7 +64,7 @@ class VittleSection:
     beta_v: float = opt(0.1, "weight of the visual KL (mean over tokens and dims)")
     beta_t: float = opt(0.1, "weight of the text KL")
     prior: Literal["fixed", "learnable"] = opt("fixed", "Vittle (F): N(0, I); Vittle (L): learnable mean/log-variance")
-    kl_form: Literal["standard", "released"] = opt("standard", "Eq. 8, or the released code's 1 + lv/2 variant")
+    kl_form: Literal["standard", "released"] = opt("standard", "Eq. 8, or the released code's KL (log-variance terms halved)")
     kl_text_tokens: Literal["prompt", "all"] = opt("prompt",
                                                    "text tokens in the text KL: prompt (label ignored) or all")
     logvar_clamp: tuple[float, float] | None = opt((-2.3025, 2.3025),

@@ -149,7 +149,7 @@ def _vib_sample_kl_fwd_kernel(
             tl.store(z_hat_ptr + h_offsets, z_hat.to(z_hat_ptr.dtype.element_ty), mask=mask)
 
             diff = mu - mu_p
-            kl = 0.5 * (logvar_p - kl_logvar_coef * logvar + (std * std + diff * diff) * inv_var_p - 1.0)
+            kl = 0.5 * (kl_logvar_coef * (logvar_p - logvar) + (std * std + diff * diff) * inv_var_p - 1.0)
             kl_acc += tl.where(mask, kl, 0.0)
         tl.store(kl_ptr + rows, tl.sum(kl_acc, axis=1) / D, mask=row_mask)
 
@@ -198,7 +198,7 @@ def _vib_sample_kl_bwd_kernel(
             tl.store(grad_stats_ptr + mu_offsets + D, grad_logvar.to(out_ty), mask=mask)
             if LEARNABLE_PRIOR:
                 grad_mu_p_acc -= tl.where(mask, kl_grad_mu, 0.0)
-                grad_logvar_p_acc += tl.where(mask, w * 0.5 * (1.0 - (var + diff * diff) * inv_var_p), 0.0)
+                grad_logvar_p_acc += tl.where(mask, w * 0.5 * (kl_logvar_coef - (var + diff * diff) * inv_var_p), 0.0)
         if LEARNABLE_PRIOR:
             mu_p_partials = prior_partials_ptr + pid.to(tl.int64) * D  # [2, num_programs, D]
             logvar_p_partials = mu_p_partials + tl.num_programs(0).to(tl.int64) * D
