@@ -54,6 +54,7 @@ LLAVA_PREFIXES = {
     "multi_modal_projector.": "projector.",
     "model.multi_modal_projector.": "projector.",
     "bottleneck.": "bottleneck.",
+    "vittle_bottleneck.": "bottleneck.",  # a stock HF LLaVA saved after integrations.transformers.apply_vittle
 }
 RELEASED_VITTLE_PREFIXES = {
     "model.": "language_model.",
@@ -279,7 +280,7 @@ def llava_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, devic
     token_id = token_id if image_token_id is None else image_token_id
     model = _build_empty(lambda: LlavaVittle(text_config, vision_config, token_id, vittle, feature_layer), dtype)
     if prefixes is RELEASED_VITTLE_PREFIXES:
-        prefixes = {**prefixes, **_released_unused_prefixes(vittle)}
+        prefixes = {**prefixes, **released_unused_prefixes(vittle)}
     vision_separate = vision_path is not None and not _has_prefix(path, "model.vision_tower.")
     optional = ("bottleneck.", "vision_tower.") if vision_separate else ("bottleneck.",)
     load_checkpoint(model, path, prefixes, device=device, strict=strict, optional_prefixes=optional)
@@ -288,7 +289,7 @@ def llava_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, devic
     return model
 
 
-def _released_unused_prefixes(vittle: VittleConfig | None) -> dict[str, None]:
+def released_unused_prefixes(vittle: VittleConfig | None) -> dict[str, None]:
     """Released keys to skip: the bottleneck when none is wanted; the priors unless learnable
     (the released trainer stores zero priors even for fixed-prior "F" runs)."""
     skipped = ("model.learnable_prior.",)
@@ -330,14 +331,25 @@ def _hf_config(model: nn.Module) -> dict:
     config["architectures"] = ["LlavaForConditionalGeneration"]
     if model.bottleneck is not None:
         config["vittle"] = dataclasses.asdict(model.bottleneck.config)
+        config["vittle_note"] = HF_DROPS_BOTTLENECK
     return config
+
+
+HF_DROPS_BOTTLENECK = (
+    "transformers.LlavaForConditionalGeneration.from_pretrained loads everything but the Vittle bottleneck: "
+    "it drops the bottleneck.* tensors (reported as UNEXPECTED keys) and this config's 'vittle' entry has no "
+    "effect, so the model runs as plain LLaVA. Keep the bottleneck with vittle_fast.models.llava_from_hf(dir), "
+    "or with vittle_fast.integrations.transformers.apply_vittle(model, VittleConfig(**config['vittle'])) "
+    "after from_pretrained (it reads bottleneck.* from this directory)."
+)
 
 
 def save_pretrained(model: Llama | CLIPVisionTower | LlavaVittle, path: str | Path,
                     max_shard_bytes: int = SHARD_BYTES) -> None:
     """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``) in the Hugging
     Face layout, so ``transformers`` and our ``*_from_hf`` both read them. A Vittle bottleneck is saved
-    as ``bottleneck.*`` tensors plus a ``"vittle"`` entry in the config (transformers ignores both)."""
+    as ``bottleneck.*`` tensors plus a ``"vittle"`` entry in the config; transformers' LLaVA class drops
+    both, which ``config.json`` (``"vittle_note"``) and a ``README.md`` in the directory say."""
     prefixes = _SAVE_PREFIXES.get(type(model))
     if prefixes is None:
         raise TypeError(f"model must be a Llama, CLIPVisionTower or LlavaVittle, got {type(model).__name__}")
@@ -367,3 +379,5 @@ def save_pretrained(model: Llama | CLIPVisionTower | LlavaVittle, path: str | Pa
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (path / "config.json").write_text(json.dumps(_hf_config(model), indent=2, default=str))
+    if getattr(model, "bottleneck", None) is not None:
+        (path / "README.md").write_text(f"# LLaVA + Vittle export (vittle_fast)\n\n{HF_DROPS_BOTTLENECK}\n")

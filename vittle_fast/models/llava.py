@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vittle_fast.data.conversation import IGNORE_INDEX
 from vittle_fast.nn.bottleneck import MODALITIES, VittleBottleneck, VittleConfig, split_token_rows
 
 from .clip import CLIPVisionTower
 from .llama import Llama
 
-IGNORE_INDEX = -100
 
 
 class MultimodalProjector(nn.Module):
@@ -67,6 +67,17 @@ def causal_lm_ce_sum(logits: torch.Tensor, labels: torch.Tensor,
     ce_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                              ignore_index=IGNORE_INDEX, reduction="sum")
     return ce_sum, (targets != IGNORE_INDEX).sum()
+
+
+def kl_token_masks(is_visual: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                   kl_text_tokens: str) -> dict[str, torch.Tensor]:
+    """Tokens whose KL counts [B, S] per modality: every image token; the prompt text (label ignored,
+    ``kl_text_tokens="prompt"`` with labels given) or all text. Padding never counts."""
+    valid = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
+    text = valid & ~is_visual
+    if kl_text_tokens == "prompt" and labels is not None:
+        text = text & (labels == IGNORE_INDEX)
+    return {"visual": is_visual & valid, "text": text}
 
 
 class BottleneckHook:
@@ -216,7 +227,8 @@ class LlavaVittle(nn.Module):
         hook = None
         if self.bottleneck is not None:
             hook = BottleneckHook(self.bottleneck, is_visual, num_visual,
-                                  self._kl_masks(is_visual, labels, attention_mask),
+                                  kl_token_masks(is_visual, labels, attention_mask,
+                                                 self.bottleneck.config.kl_text_tokens),
                                   alpha=vittle_alpha, noise_seed=noise_seed, noise_offset=noise_offset)
         hidden = self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
                                                    position_ids=position_ids, after_layer=hook)
@@ -232,14 +244,6 @@ class LlavaVittle(nn.Module):
             kl_v, kl_t = hook.kl.get("visual", zero), hook.kl.get("text", zero)
             vittle_loss = self.bottleneck.config.beta_v * kl_v + self.bottleneck.config.beta_t * kl_t
         return LlavaOutput(logits, ce_sum, n_targets, kl_v, kl_t, vittle_loss)
-
-    def _kl_masks(self, is_visual, labels, attention_mask) -> dict[str, torch.Tensor]:
-        """Tokens whose KL counts: every image token; the prompt text (label ignored) or all text."""
-        valid = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
-        text = valid & ~is_visual
-        if self.bottleneck.config.kl_text_tokens == "prompt" and labels is not None:
-            text = text & (labels == IGNORE_INDEX)
-        return {"visual": is_visual & valid, "text": text}
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int,

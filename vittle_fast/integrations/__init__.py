@@ -1,0 +1,1 @@
+"""Vittle in other libraries' models and trainers (``vittle_fast.integrations.transformers``)."""
