@@ -19,6 +19,7 @@ from torch import nn
 
 from vittle_fast.data.conversation import IGNORE_INDEX
 from vittle_fast.nn.bottleneck import MODALITIES, VittleBottleneck, VittleConfig, split_token_rows
+from vittle_fast.ops import fused_linear_cross_entropy
 
 from .clip import CLIPVisionTower
 from .llama import Llama
@@ -43,7 +44,7 @@ class MultimodalProjector(nn.Module):
 
 @dataclass
 class LlavaOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V]; None when the loss was fused (fused_cross_entropy, labels given)
     ce_sum: torch.Tensor  # fp32 scalar: summed CE over the target tokens
     n_targets: torch.Tensor  # int64 scalar
     kl_v: torch.Tensor  # fp32 scalar: mean KL over the visual tokens (0 when none / no bottleneck)
@@ -78,6 +79,16 @@ def kl_token_masks(is_visual: torch.Tensor, labels: torch.Tensor | None, attenti
     if kl_text_tokens == "prompt" and labels is not None:
         text = text & (labels == IGNORE_INDEX)
     return {"visual": is_visual & valid, "text": text}
+
+
+def fused_causal_lm_ce_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                           position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``causal_lm_ce_sum(lm_head(hidden), ...)`` with the LM head run on the target positions only,
+    chunked, never holding [tokens, vocab] logits (``fused_linear_cross_entropy``)."""
+    targets = F.pad(causal_lm_targets(labels, position_ids), (0, 1), value=IGNORE_INDEX)  # row t -> label t+1
+    ce_sum = fused_linear_cross_entropy(hidden.flatten(0, 1), lm_head_weight, targets.flatten(),
+                                        ignore_index=IGNORE_INDEX)
+    return ce_sum, (targets != IGNORE_INDEX).sum()
 
 
 class BottleneckHook:
@@ -141,7 +152,9 @@ class LlavaVittle(nn.Module):
 
     The CLIP tower is frozen and always runs under ``torch.no_grad()``. ``validate_inputs`` (default
     True) checks that the image-token count matches the images given; it costs one host sync per
-    forward, so a trainer that trusts its collator may switch it off.
+    forward, so a trainer that trusts its collator may switch it off. ``fused_cross_entropy``
+    (default False; the trainer turns it on) computes the loss with the LM head on the target
+    positions only and returns ``logits=None`` when ``labels`` are given.
     """
 
     def __init__(self, text_config, vision_config, image_token_id: int, vittle: VittleConfig | None = None,
@@ -157,6 +170,7 @@ class LlavaVittle(nn.Module):
         self.image_token_id = image_token_id
         self.vision_feature_layer = vision_feature_layer
         self.validate_inputs = True
+        self.fused_cross_entropy = False
         self.vision_tower = CLIPVisionTower(vision_config).requires_grad_(False)
         self.projector = MultimodalProjector(vision_config.hidden_size, text_config.hidden_size)
         self.language_model = Llama(text_config)
@@ -232,13 +246,16 @@ class LlavaVittle(nn.Module):
                                   alpha=vittle_alpha, noise_seed=noise_seed, noise_offset=noise_offset)
         hidden = self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
                                                    position_ids=position_ids, after_layer=hook)
-        logits = self.language_model.lm_head(hidden)
-
-        zero = logits.new_zeros((), dtype=torch.float32)
-        if labels is None:
-            ce_sum, n_targets = zero, torch.zeros((), dtype=torch.int64, device=logits.device)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        if labels is not None and self.fused_cross_entropy:
+            logits = None
+            ce_sum, n_targets = fused_causal_lm_ce_sum(hidden, self.language_model.lm_head.weight, labels, position_ids)
         else:
-            ce_sum, n_targets = causal_lm_ce_sum(logits, labels, position_ids)
+            logits = self.language_model.lm_head(hidden)
+            if labels is None:
+                ce_sum, n_targets = zero, torch.zeros((), dtype=torch.int64, device=hidden.device)
+            else:
+                ce_sum, n_targets = causal_lm_ce_sum(logits, labels, position_ids)
         kl_v = kl_t = vittle_loss = zero
         if hook is not None:
             kl_v, kl_t = hook.kl.get("visual", zero), hook.kl.get("text", zero)

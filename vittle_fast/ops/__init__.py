@@ -1,4 +1,6 @@
-"""Fused Vittle ops. ``vib_sample_kl`` is the public contract (docs/DESIGN.md §2)."""
+"""Fused Vittle ops. ``vib_sample_kl`` is the public contract (docs/DESIGN.md §2);
+``fused_linear_cross_entropy`` is the chunked LM head + loss over target tokens (docs/training.md)."""
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .vib_sample_kl import available_backends, vib_sample_kl
 
-__all__ = ["available_backends", "vib_sample_kl"]
+__all__ = ["available_backends", "fused_linear_cross_entropy", "vib_sample_kl"]

@@ -51,6 +51,8 @@ class ModelSection:
     vision_heads: int = opt(4, "tiny: CLIP heads")
     image_size: int = opt(32, "tiny: CLIP input side (pixels)")
     patch_size: int = opt(8, "tiny: CLIP patch side; (image_size/patch_size)^2 image tokens")
+    fused_cross_entropy: bool = opt(True, "LM head + CE on the target tokens only, chunked "
+                                    "(vittle_fast.ops.fused_linear_cross_entropy); false = full logits")
 
 
 @dataclass

@@ -60,6 +60,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     data = build_data(cfg, info.rank, info.world_size)
     model = build_model(cfg, vocab_size=data.vocab_size, image_token_id=data.image_token_id)
     model.validate_inputs = False  # the collator expands <image> itself; the check costs a host sync
+    model.fused_cross_entropy = cfg.model.fused_cross_entropy  # the LM head on target tokens only
     matmul_params = count_params(model.language_model.layers) + model.language_model.lm_head.weight.numel()
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every_k)
     apply_fsdp(model, build_mesh(info, cfg.parallel.replicate), cfg.parallel.param_dtype, cfg.parallel.reduce_dtype)
