@@ -382,13 +382,14 @@ class Llama(nn.Module):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = hidden.shape[:2]
         start = 0 if kv_cache is None else kv_cache.length
-        if kv_cache is not None and position_ids is not None:
-            raise ValueError("position_ids are not supported with a KV cache (positions follow the cache)")
         if attention_mask is not None and attention_mask.shape != (batch, start + seq):
             raise ValueError(f"attention_mask must be [B, cached + new tokens] = {(batch, start + seq)}, "
                              f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            position_ids = torch.arange(start, start + seq, device=hidden.device).expand(batch, seq)
+        if position_ids is None or kv_cache is not None:
+            # With a KV cache, position_ids (if given) are the chunk's RoPE positions -- e.g. shifted
+            # by left padding -- not packing boundaries: one sequence per row, padding from the mask.
+            if position_ids is None:
+                position_ids = torch.arange(start, start + seq, device=hidden.device).expand(batch, seq)
             segment_ids = segment_ids_from(None, attention_mask, (batch, start + seq), hidden.device)
         else:
             segment_ids = segment_ids_from(position_ids, attention_mask, (batch, seq), hidden.device)
@@ -407,6 +408,7 @@ class Llama(nn.Module):
         input_ids: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         max_new_tokens: int,
         temperature: float = 0.0,
         eos_token_id: int | None = None,
@@ -414,11 +416,14 @@ class Llama(nn.Module):
         use_cache: bool = True,
         after_layer: LayerHook | None = None,
     ) -> torch.Tensor:
-        """Greedy (``temperature=0``) or temperature sampling for a batch of equal-length prompts.
+        """Greedy (``temperature=0``) or temperature sampling for a batch of prompts.
 
+        Prompts of different lengths are left-padded: ``attention_mask`` [B, P] is False on the
+        padding, which then is never attended to and shifts no RoPE position (each row counts from
+        its first real token), so a row's tokens are those it would get alone.
         Returns the new tokens [B, max_new_tokens]; after a row emits ``eos_token_id`` it keeps
-        emitting it. ``use_cache=False`` re-runs the whole sequence each step (the reference the
-        cached path is tested against).
+        emitting it (and decoding stops once every row has). ``use_cache=False`` re-runs the whole
+        sequence each step (the reference the cached path is tested against).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -426,6 +431,12 @@ class Llama(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         prompt = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, prompt_len = prompt.shape[:2]
+        mask = positions = step_positions = None
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, prompt_len):
+                raise ValueError(f"attention_mask must be [B, P] = {(batch, prompt_len)}, got {tuple(attention_mask.shape)}")
+            mask = attention_mask.bool()
+            positions = step_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = None
         if use_cache:
             cache = KVCache(self.settings, batch, prompt_len + max_new_tokens, prompt.dtype, prompt.device)
@@ -433,16 +444,25 @@ class Llama(nn.Module):
         new_tokens = []
         step_input = prompt
         for _ in range(max_new_tokens):
-            logits = self.lm_head(self.hidden_states(inputs_embeds=step_input, kv_cache=cache,
-                                                     after_layer=after_layer)[:, -1]).float()
-            token = self._pick(logits, temperature, generator)
+            hidden = self.hidden_states(inputs_embeds=step_input, attention_mask=mask, position_ids=step_positions,
+                                        kv_cache=cache, after_layer=after_layer)
+            token = self._pick(self.lm_head(hidden[:, -1]).float(), temperature, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id
             new_tokens.append(token)
+            if len(new_tokens) == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                break
             token_embeds = self.embed_tokens(token[:, None])
             step_input = token_embeds if use_cache else torch.cat((step_input, token_embeds), dim=1)
-        return torch.stack(new_tokens, dim=1)
+            if mask is not None:
+                mask = F.pad(mask, (0, 1), value=True)
+                positions = torch.cat((positions, positions[:, -1:] + 1), dim=1)
+                step_positions = positions[:, -1:] if use_cache else positions
+        out = torch.stack(new_tokens, dim=1)
+        if out.shape[1] < max_new_tokens:  # every row finished: the rest is eos
+            out = F.pad(out, (0, max_new_tokens - out.shape[1]), value=eos_token_id)
+        return out
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:

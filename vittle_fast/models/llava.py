@@ -264,16 +264,19 @@ class LlavaVittle(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int,
-                 vittle_alpha: float = 0.5, temperature: float = 0.0, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """New tokens [B, max_new_tokens] for equal-length prompts. Call ``eval()`` first: in eval mode
+                 attention_mask: torch.Tensor | None = None, vittle_alpha: float = 0.5, temperature: float = 0.0,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """New tokens [B, max_new_tokens]; prompts of different lengths are left-padded with
+        ``attention_mask`` False on the padding (``Llama.generate``). Call ``eval()`` first: in eval mode
         the bottleneck uses the posterior mean with ``vittle_alpha`` (the schedule's final value)."""
-        self._check_inputs(input_ids, pixel_values)
+        self._check_inputs(input_ids, pixel_values, attention_mask=attention_mask)
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
         if self.bottleneck is not None:
             hook = BottleneckHook(self.bottleneck, is_visual, num_visual, None,
                                   alpha=vittle_alpha, noise_seed=0, noise_offset=0)
-        return self.language_model.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            max_new_tokens=max_new_tokens,
                                             temperature=temperature, eos_token_id=eos_token_id,
                                             generator=generator, use_cache=use_cache, after_layer=hook)

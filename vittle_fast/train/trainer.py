@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..models.llava import IGNORE_INDEX, causal_lm_targets
-from .build import build_data, build_model, count_params, resolve_demo_data, trainable_parameters
+from .build import build_data, build_model, count_params, load_tokenizer, resolve_demo_data, trainable_parameters
 from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, save_yaml, to_dict
 from .metrics import (
@@ -132,6 +132,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                "checkpoint": str(latest_checkpoint(ckpt_root)), "resumed_from": str(resume_from or "")}
     if cfg.checkpoint.export_safetensors and end_step == cfg.max_steps:
         export_pretrained(model, out_dir / "export", to_dict(cfg))
+        if info.is_main:  # the export answers questions on its own (python -m vittle_fast.eval)
+            load_tokenizer(cfg).save_pretrained(out_dir / "export")
         outputs["export"] = str(out_dir / "export")
     if info.is_main and cfg.logging.plot and logger.path.is_file():
         outputs["plot"] = str(plot_metrics(logger.path, out_dir / "metrics.png"))
