@@ -1,6 +1,10 @@
 """vittle_fast.integrations.transformers: a stock HF model + apply_vittle computes what our LlavaVittle
 computes (CE, KL terms, gradients), saves/loads its bottleneck, and refuses what it cannot handle."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +206,40 @@ def test_errors_name_the_problem():
         vittle_loss(hf_llava())
     with pytest.raises(RuntimeError, match="call the model itself"):
         model.model.language_model(input_ids=torch.randint(0, IMAGE_TOKEN, (1, 5)))
+
+
+@pytest.mark.slow  # ~60 s: Dynamo traces the HF LLaVA frame by frame
+def test_compiled_hf_model_does_not_recompile_as_alpha_and_noise_change():
+    """The hooks' per-step Python scalars (alpha, seed, micro-batch) stay out of the compiled graphs: after
+    two warm-up steps (HF's generic wrappers compile once per calling frame), steps with a new alpha and
+    new noise streams compile nothing."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = apply_vittle(hf_llava(), VittleConfig(layer_v=1, layer_t=1, prior="learnable")).train()
+    eager = apply_vittle(hf_llava(), VittleConfig(layer_v=1, layer_t=1, prior="learnable")).train()
+    eager.load_state_dict(model.state_dict())
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    batch = {**llava_batch(), "use_cache": False}
+    frames = []
+    for step in range(5):
+        losses = []
+        for net, run in ((model, compiled), (eager, eager)):
+            vittle_step(net, step, 0.1 * step)
+            losses.append(run(**batch).loss + vittle_loss(net))
+        torch.testing.assert_close(losses[0], losses[1], **TOL["float32"])
+        losses[0].backward()
+        frames.append(counter.frame_count)
+    assert frames[1] > 0 and frames[-1] == frames[1], frames
+
+
+@pytest.mark.slow  # ~60 s: two torchrun processes
+def test_fsdp2_fully_shard_trains_on_two_gloo_processes():
+    """Sharded gradients equal the unsharded model's (rank-averaged) every step; the loss falls."""
+    worker = Path(__file__).with_name("fsdp_hf_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [json.loads(line)["loss"] for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(losses) == 4 and losses[2] < losses[0] and losses[3] < losses[1], losses  # two batches, alternating

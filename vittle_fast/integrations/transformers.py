@@ -199,6 +199,7 @@ class VittleTrainerCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------
+@torch.compiler.disable  # Python bookkeeping with per-step ints: run eagerly, never guarded on
 def _before_forward(state: VittleState, module: nn.Module, args: tuple, kwargs: dict):
     """Record the call's inputs; a training forward takes the next noise stream of the step."""
     if len(args) > 1:
@@ -220,11 +221,13 @@ def _before_forward(state: VittleState, module: nn.Module, args: tuple, kwargs: 
         state.noise = dict(alpha=state.alpha, noise_seed=0, noise_offset=0)
 
 
+@torch.compiler.disable  # Python bookkeeping with per-step ints: run eagerly, never guarded on
 def _count_image_features(state: VittleState, module: nn.Module, args: tuple, output: torch.Tensor):
     """LLaVA's projector ran: its [images, patches, D] output is what gets spliced at the image tokens."""
     state.num_visual = (state.num_visual or 0) + output.shape[:-1].numel()
 
 
+@torch.compiler.disable  # Python bookkeeping with per-step ints: run eagerly, never guarded on
 def _after_layer(state: VittleState, bottleneck: VittleBottleneck, index: int, module: nn.Module, args: tuple,
                  output):
     hidden = output[0] if isinstance(output, tuple) else output
@@ -253,6 +256,7 @@ def _bottleneck_hook(state: VittleState, bottleneck: VittleBottleneck, shape: to
     return BottleneckHook(bottleneck, is_visual, num_visual, masks, **state.noise)
 
 
+@torch.compiler.disable  # Python bookkeeping with per-step ints: run eagerly, never guarded on
 def _after_forward(state: VittleState, module: nn.Module, args: tuple, kwargs: dict, output):
     """Training forwards: accumulate the KL terms for logging (on device); under the Trainer callback,
     add the KL term to ``out.loss`` scaled as the Trainer scales that loss."""
