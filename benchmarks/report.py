@@ -21,6 +21,9 @@ from benchmarks.vib_sample_kl_providers import PROVIDERS
 KERNEL = "vib_sample_kl"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+SMOKE_LABEL = ("SMOKE RUN, NOT A MEASUREMENT: one small shape, 2 rounds each, on a possibly shared machine. "
+               "It checks that the benchmark pipeline runs; do not quote these times or ratios "
+               "(the full run, bash benchmarks/run_all.sh, is the measurement).")
 
 
 def load_timings(path: Path) -> dict[tuple, tuple[float, float]]:
@@ -92,7 +95,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, smoke: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +122,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Predicted GPU bytes, fwd+bwd (GiB, lower is better)")
     ax.set_xticks([g + width for g in range(len(groups))], labels, fontsize=7)
     ax.legend()
+    if smoke:
+        fig.suptitle("SMOKE RUN, NOT A MEASUREMENT (2 rounds, one small shape)", color="red")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -136,17 +141,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path, help="pytest-benchmark --benchmark-json output")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a VITTLE_BENCH_QUICK run: label every output 'smoke, not a measurement' (implies --no-docs)")
     args = parser.parse_args()
     rows = build_rows(load_timings(args.json))
     stem = args.json.with_suffix("")
     write_csv(rows, stem.with_suffix(".csv"))
-    plot(rows, stem.with_suffix(".png"))
+    plot(rows, stem.with_suffix(".png"), smoke=args.smoke)
     table = markdown_table(rows)
+    if args.smoke:
+        table = SMOKE_LABEL + "\n\n" + table
     stem.with_suffix(".md").write_text(table + "\n")
     machine = json.loads(args.json.read_text())["machine_info"]
     header = (f"Measured on {machine.get('cpu', {}).get('brand_raw', 'a CPU')} "
               f"({torch.get_num_threads()} threads), torch {torch.__version__}; source: `{args.json.name}`.")
-    if not args.no_docs:
+    if not (args.no_docs or args.smoke):
         update_docs(table, header)
     print(table)
 

@@ -15,5 +15,5 @@ launch() {
         -m vittle_fast.train --config configs/demo.yaml "$@"
 }
 launch stop_at_step=100 "$@"
-echo "[demo] stopped at step 100; relaunching: the run resumes from its latest checkpoint"
+echo "[demo] relaunching: the run resumes from its latest checkpoint (a finished run says so and does nothing)"
 launch "$@"

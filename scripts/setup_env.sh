@@ -12,8 +12,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "[setup] installing torch==${TORCH_VERSION:-2.13.0} and vittle_fast[dev] into $VENV"
 "$VENV/bin/python" -m pip install -q -U pip setuptools wheel
-# torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
-"$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+# torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build. numpy with it:
+# the extension build imports torch, which warns "Failed to initialize NumPy" when numpy is missing.
+"$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" "numpy>=1.26"
 # No build isolation: the C++ extension must compile against the torch installed above.
 "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[dev]"
 "$VENV/bin/python" -m vittle_fast.ops --check

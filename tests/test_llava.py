@@ -185,6 +185,25 @@ def test_eval_mode_uses_posterior_mean():
     assert torch.equal(first, second)
 
 
+def test_alpha_defaults_to_the_configs_trained_value(tmp_path):
+    """forward and generate without ``vittle_alpha`` use ``VittleConfig.alpha`` (the final training
+    alpha, kept by save/load) -- not 0, which silently switched the bottleneck off at evaluation."""
+    from vittle_fast.models import save_pretrained
+
+    model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN,
+                        VittleConfig(layer_v=1, layer_t=1, alpha=ALPHA)).eval()
+    batch = make_batch()
+    assert torch.equal(model(**batch).logits, model(**batch, vittle_alpha=ALPHA).logits)
+    assert not torch.equal(model(**batch).logits, model(**batch, vittle_alpha=0.0).logits)
+    prompt = batch["input_ids"][:, :8]
+    assert torch.equal(model.generate(prompt, batch["pixel_values"], max_new_tokens=3),
+                       model.generate(prompt, batch["pixel_values"], max_new_tokens=3, vittle_alpha=ALPHA))
+    save_pretrained(model, tmp_path)
+    assert llava_from_hf(tmp_path).bottleneck.config.alpha == ALPHA
+    with pytest.raises(ValueError, match="alpha"):
+        VittleConfig(layer_v=0, layer_t=0, alpha=1.5)
+
+
 def test_image_token_count_mismatch_raises():
     model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN)
     batch = make_batch()

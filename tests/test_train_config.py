@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from vittle_fast.train.config import LEAVES, TrainConfig, load_yaml, parse_args, save_yaml, to_dict
+from vittle_fast.train.config import LEAVES, ConfigError, TrainConfig, load_yaml, parse_args, save_yaml, to_dict
 from vittle_fast.train.noise import noise_offset, noise_seed, splitmix64
 from vittle_fast.train.schedules import vittle_alpha, warmup_cosine_lr_factor
 
@@ -49,6 +49,25 @@ def test_string_options_keep_raw_text():
 def test_bad_values_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_args(argv + DATA)
+
+
+def test_option_names_are_never_abbreviated():
+    with pytest.raises(ConfigError, match="unrecognized arguments: --max_step$"):
+        parse_args(["--max_step", "10", *DATA])
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--max_steps", "1.5", "vittle.prior=gaussian", "optim.nonexistent=1", "oops", *DATA])
+    assert len(info.value.errors) == 4, info.value.errors
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--max_steps", "0", "stop_at_step=-1", "vittle.layer_v=-2"])
+    assert len(info.value.errors) == 4, info.value.errors  # + data.data_path is required
+
+
+def test_bare_flag_means_true():
+    assert parse_args(["--allow_schedule_change", *DATA]).allow_schedule_change
+    assert not parse_args(["--allow_schedule_change", "false", *DATA]).allow_schedule_change
 
 
 def test_yaml_round_trip(tmp_path):

@@ -3,6 +3,8 @@ kill-and-resume, a crash in the middle of a checkpoint write, the non-finite-ste
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 
 import pytest
@@ -82,8 +84,12 @@ def test_activation_checkpointing_changes_nothing(data_dir, tmp_path):
 
 
 def test_accumulation_equals_one_big_micro_batch(data_dir, tmp_path):
-    """One optimizer step over micro-batches [a], [b] == one over [a, b]: same loss, same updated
-    weights (the CE is normalised by the step's global target count before any backward)."""
+    """One optimizer step over micro-batches [a], [b] == one over [a, b]: same loss, same gradients
+    (the CE is normalised by the step's global target count before any backward).
+
+    Gradients, not the updated weights: AdamW's first step moves every weight by ~lr * sign(grad),
+    so a near-zero gradient whose reduction-order rounding flips or rescales it (the thread count
+    changes that order) moves a weight by up to 2 * lr however close the gradients are."""
     from torch.distributed.tensor import DTensor
 
     from vittle_fast.train.build import build_data, build_model, trainable_parameters
@@ -103,17 +109,26 @@ def test_accumulation_equals_one_big_micro_batch(data_dir, tmp_path):
             apply_fsdp(model, build_mesh(info, 1), "float32", "float32")
             params = trainable_parameters(model)
             optimizer = trainer_module.build_optimizer(params, cfg)
+            grads = []
+            real_step = optimizer.step
+
+            def record_then_step(*args, **kwargs):
+                grads.extend(p.grad.full_tensor().clone() if isinstance(p.grad, DTensor) else p.grad.clone()
+                             for p in params)
+                return real_step(*args, **kwargs)
+
+            optimizer.step = record_then_step
             acc = StepAccumulator(info.device)
             # alpha 0: no noise (each micro-batch draws its own stream, by design)
             trainer_module.train_step(model, optimizer, params, micro_batches, 5, 0.0, cfg, info, acc)
-            totals = acc.reduce_and_reset(1)
-            results.append((totals, [p.full_tensor() if isinstance(p, DTensor) else p for p in params]))
+            results.append((acc.reduce_and_reset(1), grads))
     finally:
         dist.destroy_process_group()
-    (one, params_one), (two, params_two) = results
+    (one, grads_one), (two, grads_two) = results
     for key in ("loss", "ce", "kl_v", "kl_t", "grad_norm"):
         assert one[key] == pytest.approx(two[key], rel=TOL["fp32_sum"]["rtol"]), key
-    for a, b in zip(params_one, params_two):
+    assert len(grads_one) == len(grads_two) == len(params) > 0
+    for a, b in zip(grads_one, grads_two):
         torch.testing.assert_close(a, b, **TOL["fp32_sum"])
 
 
@@ -167,6 +182,8 @@ def test_crash_mid_checkpoint_write_resumes_from_previous(data_dir, tmp_path, mo
     assert outputs["resumed_from"].endswith("step_00000002")
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]
     assert losses(tmp_path / "run")[4] == first[4]  # step 4 redone identically
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # the replayed steps once each
 
 
 def test_non_finite_step_is_skipped_without_update(data_dir, tmp_path, monkeypatch):
@@ -206,3 +223,59 @@ def test_target_count_matches_the_model(data_dir, tmp_path):
         assert int(count_targets(batch)) == int(out.n_targets) > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_config_errors_stop_before_any_output(data_dir, tmp_path, capsys):
+    """A model-dependent problem (a layer index past the decoder) and a data problem are both
+    reported, one line each, before the output directory exists; exit status 2."""
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as info:
+        main(tiny_args(data_dir, out, "vittle.layer_v=2", f"data.image_folder={tmp_path / 'missing'}"))
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"[vittle_fast.train] error: data.image_folder: no such directory {str(tmp_path / 'missing')!r}",
+        "[vittle_fast.train] error: vittle.layer_v=2 but the decoder has 2 blocks (indices 0-1)",
+    ]
+    assert not out.exists()
+
+
+def test_config_error_under_torchrun_is_one_line_from_rank_0(data_dir, tmp_path):
+    out = tmp_path / "never"
+    result = torchrun(2, tiny_args(data_dir, out, "vittle.layer_t=5"))
+    message = "[vittle_fast.train] error: vittle.layer_t=5 but the decoder has 2 blocks (indices 0-1)"
+    assert result.stderr.count(message) == 1, result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr  # the workers' status; torchrun itself exits 1
+    assert "vittle_fast/train" not in result.stderr.replace(message, "")  # no traceback of ours
+    assert not out.exists()
+
+
+def test_finished_run_does_nothing_and_extending_it_is_refused(data_dir, tmp_path, capsys):
+    args = tiny_args(data_dir, tmp_path / "run", "--max_steps", "2", "checkpoint.export_safetensors=true")
+    main(args)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    assert main(args)["complete_at_step"] == "2"
+    assert f"{tmp_path / 'run'}: already complete at step 2; nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
+
+    with pytest.raises(SystemExit) as info:  # 2 -> 3 steps would recompute both schedules
+        main(args[:-1] + ["--max_steps", "3"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "max_steps 2 -> 3" in err and "alpha 0.500 -> 0.375" in err and "--allow_schedule_change" in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
+
+    main(args[:-1] + ["--max_steps", "3", "--allow_schedule_change"])
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_export_stores_the_final_training_alpha(data_dir, tmp_path):
+    """The exported model's default alpha is where the (sigmoid) schedule ends: end / (1 + exp(-k (1 - t0)))."""
+    from vittle_fast.models import llava_from_hf
+
+    main(tiny_args(data_dir, tmp_path, "--max_steps", "1", "checkpoint.export_safetensors=true",
+                   "vittle.alpha_schedule=sigmoid", "vittle.alpha_end=0.4", "vittle.alpha_k=4.0"))
+    expected = 0.4 / (1 + math.exp(-4.0 * (1 - 0.5)))
+    assert llava_from_hf(tmp_path / "export").bottleneck.config.alpha == pytest.approx(expected)

@@ -235,7 +235,9 @@ class LlavaVittle(nn.Module):
         return embeds, is_visual, num_visual
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, pixel_values=None, *,
-                vittle_alpha: float = 0.0, noise_seed: int = 0, noise_offset: int = 0) -> LlavaOutput:
+                vittle_alpha: float | None = None, noise_seed: int = 0, noise_offset: int = 0) -> LlavaOutput:
+        """One forward pass. ``vittle_alpha`` None = the bottleneck's ``config.alpha`` (a trained
+        model's final training alpha); the trainer passes its schedule's value."""
         self._check_inputs(input_ids, pixel_values, labels, attention_mask, position_ids)
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
@@ -243,7 +245,7 @@ class LlavaVittle(nn.Module):
             hook = BottleneckHook(self.bottleneck, is_visual, num_visual,
                                   kl_token_masks(is_visual, labels, attention_mask,
                                                  self.bottleneck.config.kl_text_tokens),
-                                  alpha=vittle_alpha, noise_seed=noise_seed, noise_offset=noise_offset)
+                                  alpha=self._alpha(vittle_alpha), noise_seed=noise_seed, noise_offset=noise_offset)
         hidden = self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
                                                    position_ids=position_ids, after_layer=hook)
         zero = hidden.new_zeros((), dtype=torch.float32)
@@ -262,20 +264,24 @@ class LlavaVittle(nn.Module):
             vittle_loss = self.bottleneck.config.beta_v * kl_v + self.bottleneck.config.beta_t * kl_t
         return LlavaOutput(logits, ce_sum, n_targets, kl_v, kl_t, vittle_loss)
 
+    def _alpha(self, vittle_alpha):
+        return self.bottleneck.config.alpha if vittle_alpha is None else vittle_alpha
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int,
-                 attention_mask: torch.Tensor | None = None, vittle_alpha: float = 0.5, temperature: float = 0.0,
+                 attention_mask: torch.Tensor | None = None, vittle_alpha: float | None = None, temperature: float = 0.0,
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
         """New tokens [B, max_new_tokens]; prompts of different lengths are left-padded with
         ``attention_mask`` False on the padding (``Llama.generate``). Call ``eval()`` first: in eval mode
-        the bottleneck uses the posterior mean with ``vittle_alpha`` (the schedule's final value)."""
+        the bottleneck uses the posterior mean with ``vittle_alpha`` (None = ``config.alpha``,
+        the final value of the training schedule)."""
         self._check_inputs(input_ids, pixel_values, attention_mask=attention_mask)
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
         if self.bottleneck is not None:
             hook = BottleneckHook(self.bottleneck, is_visual, num_visual, None,
-                                  alpha=vittle_alpha, noise_seed=0, noise_offset=0)
+                                  alpha=self._alpha(vittle_alpha), noise_seed=0, noise_offset=0)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                             max_new_tokens=max_new_tokens,
                                             temperature=temperature, eos_token_id=eos_token_id,

@@ -45,12 +45,17 @@ class VittleConfig:
     kl_text_tokens: str = "prompt"  # "prompt" | "all"
     logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025)
     backend: str = "auto"
+    # The alpha a trained model runs with: the final value of its training schedule (the trainer stores
+    # it in the export); ``LlavaVittle.forward`` and ``generate`` default to it.
+    alpha: float = 0.5
 
     def __post_init__(self):
         for name in ("layer_v", "layer_t"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"VittleConfig.{name} must be an int >= 0, got {value!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"VittleConfig.alpha must be in [0, 1], got {self.alpha}")
         for name in ("beta_v", "beta_t"):
             if getattr(self, name) < 0:
                 raise ValueError(f"VittleConfig.{name} must be >= 0, got {getattr(self, name)}")

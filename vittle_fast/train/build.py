@@ -15,7 +15,8 @@ from vittle_fast.data.demo import make_demo_dataset
 from vittle_fast.models import LlavaVittle, clip_from_hf, llama_from_hf, llava_from_hf
 from vittle_fast.nn import VittleConfig
 
-from .config import TrainConfig, apply_overrides
+from .config import ConfigError, TrainConfig, apply_overrides
+from .schedules import vittle_alpha
 
 
 def vittle_config(cfg: TrainConfig, num_layers: int) -> VittleConfig | None:
@@ -34,7 +35,66 @@ def vittle_config(cfg: TrainConfig, num_layers: int) -> VittleConfig | None:
         kl_text_tokens=v.kl_text_tokens,
         logvar_clamp=v.logvar_clamp,
         backend=v.backend,
+        alpha=current_alpha(cfg, cfg.max_steps),  # where training ends: the exported model's default alpha
     )
+
+
+def current_alpha(cfg: TrainConfig, step: int) -> float:
+    """The alpha schedule of the config at ``step`` (0 for the baseline)."""
+    if not cfg.vittle.enabled:
+        return 0.0
+    v = cfg.vittle
+    return vittle_alpha(step, cfg.max_steps, kind=v.alpha_schedule, end=v.alpha_end, k=v.alpha_k, t0=v.alpha_t0)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every check that can run before anything is written or a process group exists: the config's
+    own cross-field checks plus those needing the model's dimensions (read from ``config.json`` files,
+    no weights) and the input files. Raises a :class:`ConfigError` listing all problems."""
+    found = cfg.errors()
+    m, d = cfg.model, cfg.data
+    paths = {"data.data_path": (d.data_path, "file")} if not d.demo else {}
+    if d.image_folder:
+        paths["data.image_folder"] = (d.image_folder, "dir")
+    if d.tokenizer:
+        paths["data.tokenizer"] = (d.tokenizer, "dir")
+    if m.source == "hf_llava":
+        paths["model.path"] = (m.path, "model")
+    if m.source == "hf_parts" or m.vision_path:
+        paths["model.vision_path"] = (m.vision_path, "model")
+    if m.source == "hf_parts":
+        paths["model.llm_path"] = (m.llm_path, "model")
+    for name, (value, kind) in paths.items():
+        path = Path(value)
+        if not value:
+            continue  # already reported as required by cfg.errors()
+        if kind == "file" and not path.is_file():
+            found.append(f"{name}: no such file {value!r}")
+        elif kind != "file" and not path.is_dir():
+            found.append(f"{name}: no such directory {value!r}")
+        elif kind == "model" and not (path / "config.json").is_file():
+            found.append(f"{name}: {value!r} has no config.json")
+    if m.source == "tiny":
+        depth = m.num_layers
+        for heads, width, what in ((m.num_heads, m.hidden_size, "model.hidden_size"),
+                                   (m.vision_heads, m.vision_hidden_size, "model.vision_hidden_size")):
+            if heads < 1 or width % heads:
+                found.append(f"{what}={width} must be a multiple of its heads ({heads})")
+        if m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads:
+            found.append(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
+        if m.patch_size < 1 or m.image_size % m.patch_size:
+            found.append(f"model.image_size={m.image_size} must be a multiple of model.patch_size={m.patch_size}")
+    else:
+        llm_dir = m.path if m.source == "hf_llava" else m.llm_path
+        config_json = Path(llm_dir) / "config.json"
+        depth = _decoder_depth(Path(llm_dir)) if llm_dir and config_json.is_file() else None
+    if cfg.vittle.enabled and depth is not None:
+        for name in ("layer_v", "layer_t"):
+            layer = getattr(cfg.vittle, name)
+            if layer >= depth:
+                found.append(f"vittle.{name}={layer} but the decoder has {depth} blocks (indices 0-{depth - 1})")
+    if found:
+        raise ConfigError(found)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> LlavaVittle:

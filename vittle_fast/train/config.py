@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -142,6 +143,8 @@ class TrainConfig:
     max_steps: int = opt(1000, "optimizer steps of the whole run (the LR and alpha schedules span them)")
     stop_at_step: int = opt(0, "> 0: checkpoint and exit at this step (a time-limited slot); rerunning resumes")
     seed: int = opt(0, "model init, data order and noise streams")
+    allow_schedule_change: bool = opt(False, "resume even if max_steps or an LR/alpha schedule option differs from "
+                                             "the checkpoint's run (both schedules are recomputed over the new span)")
     model: ModelSection = field(default_factory=ModelSection)
     vittle: VittleSection = field(default_factory=VittleSection)
     data: DataSection = field(default_factory=DataSection)
@@ -150,8 +153,9 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
-    def validate(self) -> None:
-        """Cross-field checks that single-field types cannot express."""
+    def errors(self) -> list[str]:
+        """Cross-field problems that single-field types cannot express, one message each."""
+        found = []
         positive = {
             "max_steps": self.max_steps,
             "data.micro_batch_size": self.data.micro_batch_size,
@@ -163,26 +167,44 @@ class TrainConfig:
             "parallel.replicate": self.parallel.replicate,
             "parallel.ac_every_k": self.parallel.ac_every_k,
         }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        found += [f"{name} must be >= 1, got {value}" for name, value in positive.items() if value < 1]
         if self.stop_at_step < 0:
-            raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
+            found.append(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.checkpoint.interval < 0:
-            raise ValueError(f"checkpoint.interval must be >= 0, got {self.checkpoint.interval}")
+            found.append(f"checkpoint.interval must be >= 0, got {self.checkpoint.interval}")
         if not 0.0 <= self.vittle.alpha_end <= 1.0:
-            raise ValueError(f"vittle.alpha_end must be in [0, 1], got {self.vittle.alpha_end}")
+            found.append(f"vittle.alpha_end must be in [0, 1], got {self.vittle.alpha_end}")
+        for name in ("layer_v", "layer_t"):
+            if getattr(self.vittle, name) < -1:
+                found.append(f"vittle.{name} must be a decoder block index >= 0 (or -1 = 3/4 depth), "
+                             f"got {getattr(self.vittle, name)}")
         if self.model.stage == 1 and self.vittle.enabled:
-            raise ValueError("vittle.enabled requires model.stage=2 (stage 1 trains only the projector)")
+            found.append("vittle.enabled requires model.stage=2 (stage 1 trains only the projector)")
         if not self.data.demo and not self.data.data_path:
-            raise ValueError("data.data_path is required (or data.demo=true for the synthetic demo set)")
+            found.append("data.data_path is required (or data.demo=true for the synthetic demo set)")
         if self.model.source == "hf_llava" and not self.model.path:
-            raise ValueError("model.path is required when model.source=hf_llava")
+            found.append("model.path is required when model.source=hf_llava")
         if self.model.source == "hf_parts" and not (self.model.llm_path and self.model.vision_path):
-            raise ValueError("model.llm_path and model.vision_path are required when model.source=hf_parts")
+            found.append("model.llm_path and model.vision_path are required when model.source=hf_parts")
         clamp = self.vittle.logvar_clamp
         if clamp is not None and not clamp[0] < clamp[1]:
-            raise ValueError(f"vittle.logvar_clamp must be (lo, hi) with lo < hi, got {clamp}")
+            found.append(f"vittle.logvar_clamp must be (lo, hi) with lo < hi, got {list(clamp)}")
+        return found
+
+    def validate(self) -> None:
+        """Raise a :class:`ConfigError` listing every problem of :meth:`errors`."""
+        found = self.errors()
+        if found:
+            raise ConfigError(found)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one message each (the CLI prints one line per
+    problem and exits with status 2, the argparse convention for usage errors)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,14 +280,21 @@ def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """Return a copy of `cfg` with dotted-name `overrides` (YAML-typed values) applied."""
     cfg = copy.deepcopy(cfg)
+    found = []
     for name, value in overrides.items():
         if name not in LEAVES:
-            raise ValueError(f"unknown config option {name!r} (see --help for the list)")
+            found.append(f"unknown config option {name!r} (see --help for the list)")
+            continue
         *path, leaf = name.split(".")
         target = cfg
         for part in path:
             target = getattr(target, part)
-        setattr(target, leaf, _coerce(name, LEAVES[name][0], value))
+        try:
+            setattr(target, leaf, _coerce(name, LEAVES[name][0], value))
+        except ValueError as err:
+            found.append(str(err))
+    if found:
+        raise ConfigError(found)
     return cfg
 
 
@@ -303,7 +332,8 @@ def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
 
 _EPILOG = """\
 Overrides: every option above can be given as `--section.key VALUE` or as a positional
-`section.key=VALUE`. Values are YAML scalars: true/false, null, 1e-4, [-2.3, 2.3].
+`section.key=VALUE` (a bare `--flag` of a true/false option means true; option names are never
+abbreviated). Values are YAML scalars: true/false, null, 1e-4, [-2.3, 2.3].
 Precedence: defaults < --config YAML < command line. The resolved config is saved to
 OUTPUT_DIR/config.yaml.
 
@@ -313,9 +343,18 @@ Examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become a :class:`ConfigError` (printed once, by rank 0, by the caller) instead of
+    argparse's print-and-exit on every rank."""
+
+    def error(self, message: str):
+        raise ConfigError([message])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m vittle_fast.train",
+        allow_abbrev=False,  # `--max_step 10` must fail, not silently mean --max_steps
         usage="%(prog)s [--config PATH] [--section.key VALUE ...] [section.key=VALUE ...]",
         description="Fine-tune LLaVA with Vittle on FSDP2 (launch with torchrun for several processes).",
         epilog=_EPILOG,
@@ -342,22 +381,54 @@ def _type_name(hint: Any) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Resolve the full config from the command line (validated)."""
+    """Resolve the full config from the command line (validated). Raises a :class:`ConfigError`
+    listing every problem found, not just the first."""
     parser = build_parser()
-    args = vars(parser.parse_intermixed_args(argv))
+    args = vars(parser.parse_intermixed_args(_bare_flags_true(sys.argv[1:] if argv is None else argv)))
     config_path = args.pop("config", None)
-    positional = args.pop("overrides")
-    cfg = load_yaml(config_path) if config_path else TrainConfig()
-    overrides = {name: _parse_cli_value(name, text) for name, text in args.items()}
-    for item in positional:
+    items = [(f"--{name}", name, text) for name, text in args.items() if name != "overrides"]
+    for item in args["overrides"]:
         name, sep, text = item.partition("=")
-        if not sep:
-            parser.error(f"positional override {item!r} must look like section.key=value")
-        name = name.removeprefix("--")
-        overrides[name] = _parse_cli_value(name, text)
-    cfg = apply_overrides(cfg, overrides)
-    cfg.validate()
+        items.append((item, name.removeprefix("--"), text) if sep else (item, None, None))
+    found, overrides = [], {}
+    for item, name, text in items:
+        if name is None:
+            found.append(f"positional override {item!r} must look like section.key=value")
+            continue
+        try:
+            overrides[name] = _parse_cli_value(name, text)
+        except yaml.YAMLError:
+            found.append(f"{name}: cannot parse {text!r} as a YAML value")
+    cfg = TrainConfig()
+    if config_path:
+        try:
+            cfg = load_yaml(config_path)
+        except OSError as err:
+            found.append(f"--config {config_path}: {err.strerror}")
+        except (ConfigError, TypeError, yaml.YAMLError) as err:
+            found += [f"--config {config_path}: {line}" for line in str(err).splitlines()]
+    try:
+        cfg = apply_overrides(cfg, overrides)
+    except ConfigError as err:
+        found += err.errors
+    if not found:  # cross-field checks only make sense on a config that parsed
+        found = cfg.errors()
+    if found:
+        raise ConfigError(found)
     return cfg
+
+
+def _bare_flags_true(argv: list[str]) -> list[str]:
+    """A true/false option given without a value (`--allow_schedule_change` followed by another
+    option, a `key=value` override or nothing) means true."""
+    out = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        hint = LEAVES.get(token.removeprefix("--"), (None,))[0] if token.startswith("--") else None
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if hint is bool and (following.startswith("--") or "=" in following):
+            out.append("true")
+    return out
 
 
 def _parse_cli_value(name: str, text: str) -> Any:

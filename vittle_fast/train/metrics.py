@@ -106,6 +106,7 @@ class MetricsLogger:
         if not is_main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, start_step)
         self._file = open(self.path, "a")
         if progress_bar:
             from tqdm import tqdm
@@ -115,7 +116,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+                # purge_step drops the events of steps a resumed run replays
+                self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 self._tb = None
 
@@ -155,6 +157,16 @@ class Throughput:
         now = time.perf_counter()
         elapsed, self._start = now - self._start, now
         return max(elapsed, 1e-9)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (a resumed run replays those steps and logs them again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -7,7 +7,10 @@ Run it as `torchrun --nproc_per_node N -m vittle_fast.train --config configs/dem
 from __future__ import annotations
 
 import functools
+import json
+import os
 import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -15,9 +18,18 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..models.llava import IGNORE_INDEX, causal_lm_targets
-from .build import build_data, build_model, count_params, load_tokenizer, resolve_demo_data, trainable_parameters
+from .build import (
+    build_data,
+    build_model,
+    check_config,
+    count_params,
+    current_alpha,
+    load_tokenizer,
+    resolve_demo_data,
+    trainable_parameters,
+)
 from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, parse_args, save_yaml, to_dict
+from .config import ConfigError, TrainConfig, apply_overrides, parse_args, save_yaml, to_dict
 from .metrics import (
     GpuTelemetry,
     MetricsLogger,
@@ -29,23 +41,87 @@ from .metrics import (
 )
 from .noise import noise_offset, noise_seed
 from .parallel import DistInfo, apply_activation_checkpointing, apply_fsdp, build_mesh, init_distributed
-from .schedules import vittle_alpha, warmup_cosine_lr_factor
+from .schedules import warmup_cosine_lr_factor
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_args(argv))
+    """The command line: a config problem prints one line per problem (rank 0 only, so torchrun's
+    ranks do not repeat it) and exits with status 2 before anything is written."""
+    try:
+        return train(parse_args(argv))
+    except ConfigError as err:
+        if int(os.environ.get("RANK", 0)) == 0:
+            for line in err.errors:
+                print(f"[vittle_fast.train] error: {line}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training job; returns where its outputs went. Collective over all ranks."""
-    cfg.validate()
+    """Run (or resume) a training job; returns where its outputs went. Collective over all ranks.
+
+    Everything that can be refused is refused first, before any output or process group exists:
+    config problems, and a resume that would change the run's schedules. A run already at its
+    last step (``max_steps``, or ``stop_at_step``) does nothing."""
+    check_config(cfg)
+    done = finished_step(cfg)
+    if done is not None:
+        if int(os.environ.get("RANK", 0)) == 0:
+            where = "complete" if done >= cfg.max_steps else f"past stop_at_step={cfg.stop_at_step}"
+            print(f"[vittle_fast.train] {cfg.output_dir}: already {where} at step {done}; nothing to do", flush=True)
+        return {"output_dir": cfg.output_dir, "complete_at_step": str(done)}
     info = init_distributed()
     try:
         return _train(cfg, info)
     finally:
         dist.destroy_process_group()
+
+
+# Options that shape the LR and alpha schedules: a resumed run must keep them (or say it changes them).
+SCHEDULE_OPTIONS = ("max_steps", "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "vittle.enabled",
+                    "vittle.alpha_schedule", "vittle.alpha_end", "vittle.alpha_k", "vittle.alpha_t0")
+
+
+def schedule_options(cfg: TrainConfig) -> dict:
+    flat = to_dict(cfg)
+    values = {}
+    for name in SCHEDULE_OPTIONS:
+        value = flat
+        for part in name.split("."):
+            value = value[part]
+        values[name] = value
+    return values
+
+
+def finished_step(cfg: TrainConfig) -> int | None:
+    """The checkpoint step when the run in ``output_dir`` is already where this launch would stop,
+    else None. Raises a :class:`ConfigError` when resuming would silently change the schedules: both
+    span ``max_steps``, so e.g. extending a finished 100-step run to 150 steps drops alpha at step 100
+    from 0.500 to 0.438 and lifts the LR from its floor (``--allow_schedule_change`` accepts that)."""
+    latest = latest_checkpoint(Path(cfg.output_dir) / "checkpoints") if cfg.checkpoint.resume else None
+    if latest is None:
+        return None
+    state = json.loads((latest / "trainer.json").read_text())
+    step, saved = state["step"], state.get("schedule")
+    current = schedule_options(cfg)
+    changed = {name: (saved[name], current[name]) for name in current
+               if saved is not None and name in saved and saved[name] != current[name]}
+    if changed and not cfg.allow_schedule_change:
+        old_cfg = apply_overrides(cfg, saved)
+        diffs = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        lr_old = warmup_cosine_lr_factor(step, old_cfg.optim.warmup_steps, old_cfg.max_steps,
+                                         old_cfg.optim.min_lr_ratio) * old_cfg.optim.lr
+        lr_new = warmup_cosine_lr_factor(step, cfg.optim.warmup_steps, cfg.max_steps,
+                                         cfg.optim.min_lr_ratio) * cfg.optim.lr
+        raise ConfigError([
+            f"{cfg.output_dir} holds a run checkpointed at step {step} with other schedule options ({diffs}): "
+            f"resuming would recompute the LR and alpha schedules over the new span (at step {step}: alpha "
+            f"{current_alpha(old_cfg, step):.3f} -> {current_alpha(cfg, step):.3f}, LR {lr_old:.3g} -> {lr_new:.3g}); "
+            "pass --allow_schedule_change to accept that, or use a new output_dir"
+        ])
+    end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    return step if step >= end_step else None
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict:
@@ -124,7 +200,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         interval = cfg.checkpoint.interval
         if (interval and done % interval == 0) or done == end_step:
             save_checkpoint(ckpt_root, done, model, optimizer,
-                            {"scheduler": scheduler.state_dict(), "data": data.state_dict()},
+                            {"scheduler": scheduler.state_dict(), "data": data.state_dict(),
+                             "schedule": schedule_options(cfg)},
                             cfg.checkpoint.keep_last)
     logger.close()
 
@@ -141,13 +218,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         for name, where in outputs.items():
             print(f"[vittle_fast.train] {name}: {where}", flush=True)
     return outputs
-
-
-def current_alpha(cfg: TrainConfig, step: int) -> float:
-    if not cfg.vittle.enabled:
-        return 0.0
-    v = cfg.vittle
-    return vittle_alpha(step, cfg.max_steps, kind=v.alpha_schedule, end=v.alpha_end, k=v.alpha_k, t0=v.alpha_t0)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
