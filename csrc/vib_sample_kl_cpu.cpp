@@ -2,7 +2,9 @@
 //
 // Noise is generated one row at a time: each of the row's Philox counters is evaluated once (four
 // normals per counter; a counter straddling two rows, once per row) into a scratch buffer, then one
-// fused, vectorized loop does the element math. The prior gradient is reduced deterministically:
+// fused, vectorized loop does the element math. Two implementations of the row loops return bitwise
+// the same results: AVX-512 intrinsics (vib_sample_kl_cpu_avx512.h; used when the CPU has AVX-512
+// and rows have at least kMinAvx512Dim elements) and portable loops that g++ auto-vectorizes. The prior gradient is reduced deterministically:
 // rows are cut into chunks of a fixed size (independent of the thread count), each chunk writes its
 // own partial sums, and the partials are added in chunk order.
 #include "vib_sample_kl.h"
@@ -12,9 +14,18 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define VITTLE_CPU_AVX512 1
+#include "vib_sample_kl_cpu_avx512.h"
+#endif
 
 // The row loops are compiled for AVX-512, AVX2 and baseline x86-64 and the best is picked when the
 // library loads (GCC function multiversioning). With -ffp-contract=off every version rounds alike,
@@ -32,6 +43,37 @@ namespace {
 constexpr int64_t kPriorChunkRows = 64;
 // Elements per parallel_for task, enough to amortise the scheduling cost.
 constexpr int64_t kElementsPerTask = 1 << 15;
+// Shorter rows take the portable loops: the AVX-512 noise loop computes 16 counters (64 normals)
+// per step, mostly wasted on a short row.
+constexpr int64_t kMinAvx512Dim = 64;
+
+// Floats of the per-row noise buffer: four per counter, the counter count (at most D/4 + 2)
+// rounded up to the AVX-512 step of 16 counters.
+int64_t noise_buffer_size(int64_t dim) {
+  const int64_t max_counters = dim / kNormalsPerCounter + 2;
+  return kNormalsPerCounter * ((max_counters + 15) / 16) * 16;
+}
+
+// Storage dtypes the AVX-512 row loops handle (float64 always takes the portable loops).
+template <typename scalar_t>
+constexpr bool kHasAvx512Rows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                                std::is_same_v<scalar_t, c10::Half>;
+
+// True when this call runs the AVX-512 row loops: the CPU has them, rows are long enough, and
+// VITTLE_FAST_CPU_AVX512=0 is not set (the switch lets tests compare the two paths).
+template <typename scalar_t>
+bool use_avx512(int64_t dim) {
+#if defined(VITTLE_CPU_AVX512)
+  if (!kHasAvx512Rows<scalar_t>) return false;
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  const char* env = std::getenv("VITTLE_FAST_CPU_AVX512");
+  return supported && dim >= kMinAvx512Dim && !(env != nullptr && std::strcmp(env, "0") == 0);
+#else
+  (void)dim;
+  return false;
+#endif
+}
 
 // Per-column prior (fixed N(0, 1) or the clamped learnable one), computed once per call and kept
 // as separate arrays so the element loops read them with unit stride.
@@ -69,7 +111,7 @@ struct PriorColumns {
 struct RowScratch {
   explicit RowScratch(int64_t dim)
       : words(4, std::vector<uint32_t>(dim / kNormalsPerCounter + 2)),
-        normals(dim + 2 * kNormalsPerCounter, 0.0f),
+        normals(noise_buffer_size(dim), 0.0f),
         kl_terms(dim) {}
 
   std::vector<std::vector<uint32_t>> words;  // [lane][counter]
@@ -194,6 +236,112 @@ VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t*
   }
 }
 
+#if defined(VITTLE_CPU_AVX512)
+// The row loops above, 16 columns at a time with intrinsics (same operations, same order).
+namespace avx512_rows {
+using namespace ::vittle_fast::avx512;
+
+// The prior of 16 columns: the learnable prior's arrays, or the fixed N(0, 1) as constants.
+struct Prior16 {
+  V mu, logvar, inv_var;
+};
+
+template <bool kLearnable>
+VITTLE_AVX512_INLINE Prior16 load_prior(const PriorColumns::View& priors, int64_t j, Mask k) {
+  if constexpr (kLearnable) {
+    return {load(priors.mu + j, k), load(priors.logvar + j, k), load(priors.inv_var + j, k)};
+  } else {
+    return {bc(0.0f), bc(0.0f), bc(1.0f)};
+  }
+}
+
+// forward_element's kl: 0.5 * (lv_p - c * lv + (var + diff^2) / var_p - 1)
+VITTLE_AVX512_INLINE V forward_kl(V logvar_c, V var, V diff, const Prior16& prior, V kl_logvar_coef) {
+  return mul(bc(0.5f),
+             sub(add(sub(prior.logvar, mul(kl_logvar_coef, logvar_c)), mul(add(var, mul(diff, diff)), prior.inv_var)),
+                 bc(1.0f)));
+}
+
+// forward_rows of the portable path, 16 columns at a time.
+template <typename scalar_t, bool kSample, bool kLearnable>
+VITTLE_AVX512 void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t* stats,
+                                const PriorColumns::View priors, scalar_t* z_hat, float* kl, const FusedCall& call,
+                                float* normals, float* kl_terms) {
+  const int64_t d = call.dim;
+  const V lo = bc(call.scalars.clamp_lo), hi = bc(call.scalars.clamp_hi);
+  const V alpha = bc(call.scalars.alpha), one_minus_alpha = bc(1.0f - call.scalars.alpha);
+  const V coef = bc(call.scalars.kl_logvar_coef);
+  for (int64_t i = begin; i < end; ++i) {
+    const float* eps = kSample ? avx512::row_noise(call, i, normals) : nullptr;
+    const scalar_t* h_row = h + i * d;
+    const scalar_t* mu_row = stats + i * 2 * d;
+    const scalar_t* logvar_row = mu_row + d;
+    scalar_t* z_row = z_hat + i * d;
+    for (int64_t j = 0; j < d; j += kLanes) {
+      const Mask k = tail_mask(d - j);
+      const V mu = load(mu_row + j, k);
+      const V logvar_c = clamp(load(logvar_row + j, k), lo, hi);
+      const V std_dev = exp(mul(bc(0.5f), logvar_c));
+      const V var = mul(std_dev, std_dev);
+      V z_tilde = mu;
+      if constexpr (kSample) z_tilde = add(mu, mul(std_dev, load(eps + j, k)));
+      const Prior16 prior = load_prior<kLearnable>(priors, j, k);
+      store(z_row + j, k, add(mul(one_minus_alpha, load(h_row + j, k)), mul(alpha, z_tilde)));
+      _mm512_mask_storeu_ps(kl_terms + j, k, forward_kl(logvar_c, var, sub(mu, prior.mu), prior, coef));
+    }
+    kl[i] = fixed_order_sum(kl_terms, d) / static_cast<float>(d);
+  }
+}
+
+// backward_rows of the portable path, 16 columns at a time.
+template <typename scalar_t, bool kSample, bool kLearnable>
+VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
+                                 const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h,
+                                 scalar_t* grad_stats, float* prior_partial, const FusedCall& call, float* normals) {
+  const int64_t d = call.dim;
+  const V lo = bc(call.scalars.clamp_lo), hi = bc(call.scalars.clamp_hi);
+  const V alpha = bc(call.scalars.alpha), one_minus_alpha = bc(1.0f - call.scalars.alpha);
+  const V coef = bc(call.scalars.kl_logvar_coef);
+  for (int64_t i = begin; i < end; ++i) {
+    const float* eps = kSample ? avx512::row_noise(call, i, normals) : nullptr;
+    const float w_scalar = grad_kl[i] / static_cast<float>(d);
+    const V w = bc(w_scalar), half_w = bc(w_scalar * 0.5f), minus_w = bc(-w_scalar);
+    const scalar_t* g_row = grad_z_hat + i * d;
+    const scalar_t* mu_row = stats + i * 2 * d;
+    const scalar_t* logvar_row = mu_row + d;
+    scalar_t* grad_h_row = grad_h + i * d;
+    scalar_t* grad_mu_row = grad_stats + i * 2 * d;
+    scalar_t* grad_logvar_row = grad_mu_row + d;
+    for (int64_t j = 0; j < d; j += kLanes) {
+      const Mask k = tail_mask(d - j);
+      const V g = load(g_row + j, k);
+      const V mu = load(mu_row + j, k);
+      const V logvar_c = clamp(load(logvar_row + j, k), lo, hi);
+      const V std_dev = exp(mul(bc(0.5f), logvar_c));
+      const V var = mul(std_dev, std_dev);
+      const Prior16 prior = load_prior<kLearnable>(priors, j, k);
+      const V diff = sub(mu, prior.mu);
+      const V diff_scaled = mul(diff, prior.inv_var);
+      const V ag = mul(alpha, g);
+      store(grad_h_row + j, k, mul(one_minus_alpha, g));
+      store(grad_mu_row + j, k, add(ag, mul(w, diff_scaled)));
+      V sample_term = bc(0.0f);
+      if constexpr (kSample) sample_term = mul(mul(mul(ag, load(eps + j, k)), std_dev), bc(0.5f));
+      store(grad_logvar_row + j, k, add(sample_term, mul(half_w, sub(mul(var, prior.inv_var), coef))));
+      if constexpr (kLearnable) {
+        float* pm = prior_partial + j;
+        float* plv = prior_partial + d + j;
+        _mm512_mask_storeu_ps(pm, k, add(load(pm, k), mul(minus_w, diff_scaled)));
+        const V grad_plv = mul(half_w, sub(bc(1.0f), mul(add(var, mul(diff, diff)), prior.inv_var)));
+        _mm512_mask_storeu_ps(plv, k, add(load(plv, k), grad_plv));
+      }
+    }
+  }
+}
+
+}  // namespace avx512_rows
+#endif
+
 }  // namespace
 
 ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const OptionalTensor& prior_mu,
@@ -207,11 +355,25 @@ ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const Op
     const scalar_t* stats_data = stats.const_data_ptr<scalar_t>();
     scalar_t* z_data = z_hat.mutable_data_ptr<scalar_t>();
     float* kl_data = kl.mutable_data_ptr<float>();
+    const bool simd = use_avx512<scalar_t>(call.dim);
     with_bool(call.scalars.sample, [&](auto sample) {
+      constexpr bool kSample = decltype(sample)::value;
       at::parallel_for(0, call.n_tokens, rows_per_task(call.dim), [&](int64_t begin, int64_t end) {
         RowScratch scratch(call.dim);
-        forward_rows<scalar_t, decltype(sample)::value>(begin, end, h_data, stats_data, priors.view(), z_data,
-                                                        kl_data, call, scratch);
+#if defined(VITTLE_CPU_AVX512)
+        if constexpr (kHasAvx512Rows<scalar_t>) {
+          if (simd) {
+            with_bool(call.learnable_prior, [&](auto learnable) {
+              avx512_rows::forward_rows<scalar_t, kSample, decltype(learnable)::value>(
+                  begin, end, h_data, stats_data, priors.view(), z_data, kl_data, call, scratch.normals.data(),
+                  scratch.kl_terms.data());
+            });
+            return;
+          }
+        }
+#endif
+        forward_rows<scalar_t, kSample>(begin, end, h_data, stats_data, priors.view(), z_data, kl_data, call,
+                                        scratch);
       });
     });
   });
@@ -239,16 +401,29 @@ BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad
     scalar_t* gs = grad_stats.mutable_data_ptr<scalar_t>();
     float* part = call.learnable_prior ? partials.mutable_data_ptr<float>() : nullptr;
     const int64_t chunks_per_task = std::max<int64_t>(1, rows_per_task(d) / kPriorChunkRows);
+    const bool simd = use_avx512<scalar_t>(d);
     with_bool(call.scalars.sample, [&](auto sample) {
       with_bool(call.learnable_prior, [&](auto learnable) {
+        constexpr bool kSample = decltype(sample)::value;
+        constexpr bool kLearnable = decltype(learnable)::value;
         at::parallel_for(0, n_chunks, chunks_per_task, [&](int64_t chunk_begin, int64_t chunk_end) {
           RowScratch scratch(d);
           for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
             const int64_t row_begin = chunk * kPriorChunkRows;
             const int64_t row_end = std::min(call.n_tokens, row_begin + kPriorChunkRows);
-            float* chunk_partial = learnable ? part + chunk * 2 * d : nullptr;
-            backward_rows<scalar_t, decltype(sample)::value, decltype(learnable)::value>(
-                row_begin, row_end, g, gkl, st, priors.view(), gh, gs, chunk_partial, call, scratch);
+            float* chunk_partial = kLearnable ? part + chunk * 2 * d : nullptr;
+#if defined(VITTLE_CPU_AVX512)
+            if constexpr (kHasAvx512Rows<scalar_t>) {
+              if (simd) {
+                avx512_rows::backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, gkl, st,
+                                                                          priors.view(), gh, gs, chunk_partial,
+                                                                          call, scratch.normals.data());
+                continue;
+              }
+            }
+#endif
+            backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, gkl, st, priors.view(), gh, gs,
+                                                         chunk_partial, call, scratch);
           }
         });
       });
@@ -272,5 +447,11 @@ BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad
   }
   return {grad_h, grad_stats, grad_prior_mu, grad_prior_logvar};
 }
+
+// Which row loops a CPU call with rows of `dim` elements runs now ("avx512" or "portable"): lets
+// the tests check that VITTLE_FAST_CPU_AVX512 switches paths, so comparing the paths means something.
+std::string cpu_row_kernel(int64_t dim) { return use_avx512<float>(dim) ? "avx512" : "portable"; }
+
+TORCH_LIBRARY_FRAGMENT(vittle_fast, m) { m.def("cpu_row_kernel(int dim) -> str", &cpu_row_kernel); }
 
 }  // namespace vittle_fast
