@@ -255,10 +255,10 @@ VITTLE_AVX512_INLINE Prior16 load_prior(const PriorColumns::View& priors, int64_
   }
 }
 
-// forward_element's kl: 0.5 * (lv_p - c * lv + (var + diff^2) / var_p - 1)
+// forward_element's kl: 0.5 * (c * (lv_p - lv) + (var + diff^2) / var_p - 1)
 VITTLE_AVX512_INLINE V forward_kl(V logvar_c, V var, V diff, const Prior16& prior, V kl_logvar_coef) {
   return mul(bc(0.5f),
-             sub(add(sub(prior.logvar, mul(kl_logvar_coef, logvar_c)), mul(add(var, mul(diff, diff)), prior.inv_var)),
+             sub(add(mul(kl_logvar_coef, sub(prior.logvar, logvar_c)), mul(add(var, mul(diff, diff)), prior.inv_var)),
                  bc(1.0f)));
 }
 
@@ -332,7 +332,7 @@ VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* gra
         float* pm = prior_partial + j;
         float* plv = prior_partial + d + j;
         _mm512_mask_storeu_ps(pm, k, add(load(pm, k), mul(minus_w, diff_scaled)));
-        const V grad_plv = mul(half_w, sub(bc(1.0f), mul(add(var, mul(diff, diff)), prior.inv_var)));
+        const V grad_plv = mul(half_w, sub(coef, mul(add(var, mul(diff, diff)), prior.inv_var)));
         _mm512_mask_storeu_ps(plv, k, add(load(plv, k), grad_plv));
       }
     }
