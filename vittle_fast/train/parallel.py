@@ -77,20 +77,42 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every_k: i
 
 
 def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str) -> None:
-    """FSDP2 units: each decoder block, the projector, the bottleneck, the frozen vision tower
-    (stored in `param_dtype`, never reduced), then the root (embeddings, final norm, LM head).
+    """FSDP2 units: each decoder block, the projector, the frozen vision tower (stored in
+    `param_dtype`, never reduced), then the root (embeddings, final norm, LM head). The bottleneck
+    joins the unit of the block whose output it transforms (`bottleneck_host`), which saves one
+    all-gather/reduce-scatter round per step; when there is no such block it is a unit of its own.
 
     Trainable and frozen parameters never share a unit, which FSDP2 requires.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     model.vision_tower.to(_DTYPES[param_dtype])  # frozen: keep it in the compute dtype, halve its memory
     fully_shard(model.vision_tower, mesh=mesh, mp_policy=mp_policy)
-    for block in model.language_model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    host = bottleneck_host(model)
+    for index, block in enumerate(model.language_model.layers):
+        fully_shard([block, model.bottleneck] if index == host else block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model.projector, mesh=mesh, mp_policy=mp_policy)
     if model.bottleneck is not None:
-        fully_shard(model.bottleneck, mesh=mesh, mp_policy=mp_policy)
+        if host is None:
+            fully_shard(model.bottleneck, mesh=mesh, mp_policy=mp_policy)
         # Called directly (not through __call__) when both modalities share a layer: FSDP must
-        # still all-gather the bottleneck's parameters around it.
+        # still run its pre/post-forward around it (all-gather if needed, reshard, backward hooks).
         register_fsdp_forward_method(model.bottleneck, "forward_both")
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+
+
+def bottleneck_host(model: torch.nn.Module) -> int | None:
+    """Index of the decoder block whose FSDP unit the bottleneck can share, or None.
+
+    That is `layers[l]` when both modalities act after the same block `l` (one bottleneck call,
+    right after the block's forward, so one gathered unit serves both) and the block's parameters
+    are trainable exactly when the bottleneck's are. A frozen decoder with a trainable bottleneck
+    (or different layers per modality) keeps the bottleneck in its own unit.
+    """
+    if model.bottleneck is None:
+        return None
+    config = model.bottleneck.config
+    if config.layer_v != config.layer_t:
+        return None
+    block = model.language_model.layers[config.layer_v]
+    trainable = {p.requires_grad for p in block.parameters()} | {p.requires_grad for p in model.bottleneck.parameters()}
+    return config.layer_v if len(trainable) == 1 else None
