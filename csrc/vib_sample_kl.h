@@ -19,6 +19,7 @@ struct FusedCall {
   int64_t seed;     // int64 view of the 64-bit Philox key
   uint64_t offset;  // Philox counter base
   bool learnable_prior;
+  ScalarPointers device_scalars;  // 0-dim CUDA tensors given for alpha / seed / offset (CPU ones are read above)
 };
 
 using OptionalTensor = std::optional<at::Tensor>;

@@ -32,7 +32,7 @@ T* mutable_data_as(at::Tensor& t) {
 const float* optional_data(const OptionalTensor& t) { return t.has_value() ? t->const_data_ptr<float>() : nullptr; }
 
 cuda::KernelArgs kernel_args(const FusedCall& call) {
-  return {call.n_tokens, call.dim, call.scalars, call.seed, call.offset, cuda::kMinThreadsPerRow};
+  return {call.n_tokens, call.dim, call.scalars, call.seed, call.offset, call.device_scalars, cuda::kMinThreadsPerRow};
 }
 
 }  // namespace

@@ -87,8 +87,18 @@ struct KernelArgs {
   OpScalars scalars;
   int64_t seed;
   uint64_t offset;
+  ScalarPointers scalar_pointers;  // tensor scalars, read by every thread at kernel start
   int threads_per_row;  // power of two in [32, kThreads]
 };
+
+// The call's arguments with alpha / seed / offset read from memory where they were given as tensors.
+__device__ __forceinline__ KernelArgs with_device_scalars(KernelArgs a) {
+  const ScalarPointers& ptr = a.scalar_pointers;
+  if (ptr.alpha != nullptr) a.scalars.alpha = *ptr.alpha;
+  if (ptr.seed != nullptr) a.seed = *ptr.seed;
+  if (ptr.offset != nullptr) a.offset = static_cast<uint64_t>(*ptr.offset);
+  return a;
+}
 
 template <typename T>
 struct ForwardPointers {
@@ -119,7 +129,8 @@ __device__ __forceinline__ PriorColumn prior_at(const float* mu, const float* lo
 }
 
 template <typename T, int E>
-__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardPointers<T> p, KernelArgs a) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardPointers<T> p, KernelArgs args) {
+  const KernelArgs a = with_device_scalars(args);
   __shared__ float warp_sums[kThreads / kWarp];
   const int tpr = a.threads_per_row;
   const int slot = threadIdx.x / tpr;
@@ -161,7 +172,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardPointers<T> p,
 }
 
 template <typename T, int E>
-__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardPointers<T> p, KernelArgs a) {
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardPointers<T> p, KernelArgs args) {
+  const KernelArgs a = with_device_scalars(args);
   __shared__ float slot_partials[2][kThreads * E];  // cross-slot prior sums (several rows per block)
   const int tpr = a.threads_per_row;
   const int rows_per_block = kThreads / tpr;

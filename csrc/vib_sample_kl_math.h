@@ -235,6 +235,15 @@ struct OpScalars {
   bool sample;           // false: posterior mean, no noise
 };
 
+// Device pointers of the scalars given as 0-dim CUDA tensors (null: the call's value is used). The
+// CUDA kernels read them from memory, so a captured CUDA graph takes new values on replay; tensors
+// on the CPU are read on the host instead.
+struct ScalarPointers {
+  const float* alpha = nullptr;
+  const int64_t* seed = nullptr;     // the 64-bit key as int64
+  const int64_t* offset = nullptr;
+};
+
 // The prior of one column j: fixed N(0, 1) or learnable N(mu_p, exp(clamp(lv_p))).
 struct PriorColumn {
   float mu;

@@ -23,9 +23,25 @@ void check_prior(const OptionalTensor& prior, const char* name, const at::Tensor
   TORCH_CHECK(prior->device() == stats.device(), name, " must be on ", stats.device(), ", got ", prior->device());
 }
 
+// A scalar given as a tensor (ops/scalars.py): 0-dim, `dtype`, on stats' device. Returns its device
+// pointer for CUDA tensors (read by the kernels) or null after reading a CPU tensor into `value`.
+template <typename T>
+const T* tensor_scalar(const OptionalTensor& tensor, const char* name, at::ScalarType dtype, const at::Tensor& stats,
+                       T& value) {
+  if (!tensor.has_value()) return nullptr;
+  TORCH_CHECK(tensor->scalar_type() == dtype && tensor->dim() == 0, name, " must be a 0-dim ", dtype,
+              " tensor, got ", tensor->scalar_type(), " ", tensor->sizes());
+  TORCH_CHECK(tensor->device() == stats.device(), name, " must be on ", stats.device(), ", got ", tensor->device());
+  if (tensor->is_cuda()) return tensor->const_data_ptr<T>();
+  value = *tensor->const_data_ptr<T>();
+  return nullptr;
+}
+
 // Checks what the kernels rely on (the Python layer has already validated user-facing arguments)
 // and packs the scalars. `dim_source` is h (forward) or grad_z_hat (backward): [N, D], stats' dtype.
+// alpha / seed / offset are each a value or, when the *_t tensor is given, that tensor.
 FusedCall make_call(const at::Tensor& dim_source, const at::Tensor& stats, double alpha, int64_t seed, int64_t offset,
+                    const OptionalTensor& alpha_t, const OptionalTensor& seed_t, const OptionalTensor& offset_t,
                     const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar, double clamp_lo,
                     double clamp_hi, double kl_logvar_coef, bool sample) {
   TORCH_CHECK(dim_source.dim() == 2 && dim_source.size(1) >= 1, "expected a [N, D] tensor with D >= 1, got ",
@@ -45,20 +61,27 @@ FusedCall make_call(const at::Tensor& dim_source, const at::Tensor& stats, doubl
               "prior_mu and prior_logvar must both be given or both be None");
   check_prior(prior_mu, "prior_mu", stats, d);
   check_prior(prior_logvar, "prior_logvar", stats, d);
-  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
-  TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
+  // Python values are range-checked here; tensor values are not (ops/scalars.py: no host sync).
+  TORCH_CHECK(alpha_t.has_value() || (alpha >= 0.0 && alpha <= 1.0), "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK(offset_t.has_value() || offset >= 0, "offset must be >= 0, got ", offset);
   TORCH_CHECK(!std::isnan(clamp_lo) && !std::isnan(clamp_hi) && clamp_lo <= clamp_hi,
               "clamp_lo must be <= clamp_hi, got ", clamp_lo, ", ", clamp_hi);
   OpScalars scalars{static_cast<float>(alpha), static_cast<float>(clamp_lo), static_cast<float>(clamp_hi),
                     static_cast<float>(kl_logvar_coef), sample};
-  return {n, d, scalars, seed, static_cast<uint64_t>(offset), prior_mu.has_value()};
+  ScalarPointers pointers;
+  pointers.alpha = tensor_scalar(alpha_t, "alpha_t", at::kFloat, stats, scalars.alpha);
+  pointers.seed = tensor_scalar(seed_t, "seed_t", at::kLong, stats, seed);
+  pointers.offset = tensor_scalar(offset_t, "offset_t", at::kLong, stats, offset);
+  return {n, d, scalars, seed, static_cast<uint64_t>(offset), prior_mu.has_value(), pointers};
 }
 
 ForwardResult fused_sample_kl_fwd(const at::Tensor& h, const at::Tensor& stats, double alpha, int64_t seed,
-                                  int64_t offset, const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
-                                  double clamp_lo, double clamp_hi, double kl_logvar_coef, bool sample) {
-  const FusedCall call =
-      make_call(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample);
+                                  int64_t offset, const OptionalTensor& alpha_t, const OptionalTensor& seed_t,
+                                  const OptionalTensor& offset_t, const OptionalTensor& prior_mu,
+                                  const OptionalTensor& prior_logvar, double clamp_lo, double clamp_hi,
+                                  double kl_logvar_coef, bool sample) {
+  const FusedCall call = make_call(h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar,
+                                   clamp_lo, clamp_hi, kl_logvar_coef, sample);
 #ifdef VITTLE_FAST_WITH_CUDA
   if (h.is_cuda()) return forward_cuda(h, stats, prior_mu, prior_logvar, call);
 #endif
@@ -66,11 +89,12 @@ ForwardResult fused_sample_kl_fwd(const at::Tensor& h, const at::Tensor& stats, 
 }
 
 BackwardResult fused_sample_kl_bwd(const at::Tensor& grad_z_hat, const at::Tensor& grad_kl, const at::Tensor& stats,
-                                   double alpha, int64_t seed, int64_t offset, const OptionalTensor& prior_mu,
-                                   const OptionalTensor& prior_logvar, double clamp_lo, double clamp_hi,
-                                   double kl_logvar_coef, bool sample) {
-  const FusedCall call = make_call(grad_z_hat, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo,
-                                   clamp_hi, kl_logvar_coef, sample);
+                                   double alpha, int64_t seed, int64_t offset, const OptionalTensor& alpha_t,
+                                   const OptionalTensor& seed_t, const OptionalTensor& offset_t,
+                                   const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
+                                   double clamp_lo, double clamp_hi, double kl_logvar_coef, bool sample) {
+  const FusedCall call = make_call(grad_z_hat, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
+                                   prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample);
   TORCH_CHECK(grad_kl.scalar_type() == at::kFloat && grad_kl.dim() == 1 && grad_kl.size(0) == call.n_tokens &&
                   grad_kl.is_contiguous() && grad_kl.device() == stats.device(),
               "grad_kl must be a contiguous float32 [N] tensor on stats' device, got ", grad_kl.scalar_type(), " ",
@@ -100,12 +124,14 @@ at::Tensor philox_uint32(int64_t seed, const at::Tensor& counters) {
 
 // Shape-only implementations so torch.compile / FakeTensor can trace the ops.
 ForwardResult fused_sample_kl_fwd_meta(const at::Tensor& h, const at::Tensor& stats, double, int64_t, int64_t,
+                                       const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
                                        const OptionalTensor&, const OptionalTensor&, double, double, double, bool) {
   return {at::empty_like(h), at::empty({h.size(0)}, h.options().dtype(at::kFloat))};
 }
 
 BackwardResult fused_sample_kl_bwd_meta(const at::Tensor& grad_z_hat, const at::Tensor&, const at::Tensor& stats,
-                                        double, int64_t, int64_t, const OptionalTensor& prior_mu,
+                                        double, int64_t, int64_t, const OptionalTensor&, const OptionalTensor&,
+                                        const OptionalTensor&, const OptionalTensor& prior_mu,
                                         const OptionalTensor&, double, double, double, bool) {
   const int64_t prior_size = prior_mu.has_value() ? grad_z_hat.size(1) : 0;
   const auto fp32 = stats.options().dtype(at::kFloat);
@@ -117,12 +143,13 @@ BackwardResult fused_sample_kl_bwd_meta(const at::Tensor& grad_z_hat, const at::
 
 TORCH_LIBRARY_FRAGMENT(vittle_fast, m) {
   m.def(
-      "fused_sample_kl_fwd(Tensor h, Tensor stats, float alpha, int seed, int offset, Tensor? prior_mu, "
-      "Tensor? prior_logvar, float clamp_lo, float clamp_hi, float kl_logvar_coef, bool sample) "
-      "-> (Tensor z_hat, Tensor kl)");
+      "fused_sample_kl_fwd(Tensor h, Tensor stats, float alpha, int seed, int offset, Tensor? alpha_t, "
+      "Tensor? seed_t, Tensor? offset_t, Tensor? prior_mu, Tensor? prior_logvar, float clamp_lo, float clamp_hi, "
+      "float kl_logvar_coef, bool sample) -> (Tensor z_hat, Tensor kl)");
   m.def(
       "fused_sample_kl_bwd(Tensor grad_z_hat, Tensor grad_kl, Tensor stats, float alpha, int seed, int offset, "
-      "Tensor? prior_mu, Tensor? prior_logvar, float clamp_lo, float clamp_hi, float kl_logvar_coef, bool sample) "
+      "Tensor? alpha_t, Tensor? seed_t, Tensor? offset_t, Tensor? prior_mu, Tensor? prior_logvar, float clamp_lo, "
+      "float clamp_hi, float kl_logvar_coef, bool sample) "
       "-> (Tensor grad_h, Tensor grad_stats, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
   m.def("philox_uint32(int seed, Tensor counters) -> Tensor");
 }

@@ -224,10 +224,11 @@ def test_meta_kernels_give_output_shapes():
     h = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
     stats = torch.empty(4, 16, device="meta", dtype=torch.bfloat16)
     prior = torch.empty(8, device="meta")
-    z_hat, kl = torch.ops.vittle_fast.fused_sample_kl_fwd(h, stats, 0.5, 1, 0, None, None, *CLAMP, 1.0, True)
+    z_hat, kl = torch.ops.vittle_fast.fused_sample_kl_fwd(h, stats, 0.5, 1, 0, *[None] * 3, None, None, *CLAMP, 1.0,
+                                                           True)
     assert (z_hat.shape, z_hat.dtype, kl.shape, kl.dtype) == (h.shape, h.dtype, (4,), torch.float32)
     grads = torch.ops.vittle_fast.fused_sample_kl_bwd(
-        h, torch.empty(4, device="meta"), stats, 0.5, 1, 0, prior, prior, *CLAMP, 1.0, True
+        h, torch.empty(4, device="meta"), stats, 0.5, 1, 0, *[None] * 3, prior, prior, *CLAMP, 1.0, True
     )
     assert [tuple(g.shape) for g in grads] == [(4, 8), (4, 16), (8,), (8,)]
 

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch._dynamo.testing
 from op_inputs import make_inputs
 from tolerances import TOL, tol
 
@@ -206,33 +207,81 @@ def test_saved_for_backward_is_only_stats(backend):
     assert stats_bytes <= sum(saved_bytes) <= stats_bytes + 4096, saved_bytes
 
 
+def tensor_scalars(alpha, seed, offset, device="cpu"):
+    """The 0-dim tensors equal to Python scalars (ops/scalars.py): the seed as its int64 view."""
+    return (torch.tensor(alpha, dtype=torch.float32, device=device),
+            torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64, device=device),
+            torch.tensor(offset, dtype=torch.int64, device=device))
+
+
 @pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("learnable_prior", [False, True])
-def test_opcheck(backend, learnable_prior):
+@pytest.mark.parametrize("as_tensors", [False, True], ids=["python_scalars", "tensor_scalars"])
+def test_opcheck(backend, learnable_prior, as_tensors):
     h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((4,), 12, torch.float32, learnable_prior)
-    scalars = (ALPHA, 7, 3, -2.3025, 2.3025, 1.0, True, backend)
+    scalars = (0.0, 0, 0, *tensor_scalars(ALPHA, 7, 3)) if as_tensors else (ALPHA, 7, 3, None, None, None)
+    options = (-2.3025, 2.3025, 1.0, True, backend)
     leaf = lambda t: None if t is None else t.clone().requires_grad_()  # noqa: E731
-    torch.library.opcheck(_fused_forward, (*map(leaf, (h, stats, prior_mu, prior_logvar)), *scalars))
+    torch.library.opcheck(_fused_forward, (leaf(h), leaf(stats), *scalars, leaf(prior_mu), leaf(prior_logvar),
+                                           *options))
     # The backward op has no autograd formula of its own (no double backward): plain tensors.
-    torch.library.opcheck(_fused_backward, (grad_z, grad_kl, stats, prior_mu, prior_logvar, *scalars))
+    torch.library.opcheck(_fused_backward, (grad_z, grad_kl, stats, *scalars, prior_mu, prior_logvar, *options))
 
 
-@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
-def test_torch_compile_fullgraph_matches_eager(backend):
-    def loss_fn(h, stats, prior_mu, prior_logvar):
-        z, kl = vib_sample_kl(h, stats, ALPHA, seed=42, offset=8, prior_mu=prior_mu, prior_logvar=prior_logvar,
-                              backend=backend)
+SCALAR_CASES = {  # alpha, seed, offset; which of them go as tensors
+    "all tensors": (0.3, 2**63 + 5, 2**40 + 3, "alpha seed offset"),
+    "seed above 2**63": (0.7, 2**64 - 1, 9, "seed"),
+    "alpha only": (1 / 3, 11, 0, "alpha"),
+    "offset only": (0.5, 123, 2**33 + 1, "offset"),
+}
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("case", list(SCALAR_CASES), ids=str)
+def test_tensor_scalars_equal_python_scalars_bitwise(backend, case):
+    """alpha / seed / offset as 0-dim tensors give bitwise the outputs and gradients of the Python
+    scalars (a seed >= 2**63 as its int64 view)."""
+    alpha, seed, offset, as_tensors = SCALAR_CASES[case]
+    tensors = dict(zip(("alpha", "seed", "offset"), tensor_scalars(alpha, seed, offset)))
+    python = dict(alpha=alpha, seed=seed, offset=offset)
+    mixed = {name: tensors[name] if name in as_tensors.split() else value for name, value in python.items()}
+    h, stats, priors, grad_z, grad_kl = make_inputs((5,), 11, torch.bfloat16, learnable_prior=True)
+    results = []
+    for scalars in (python, mixed):
+        call = lambda *a, s=scalars, **k: vib_sample_kl(*a, s["alpha"], seed=s["seed"], offset=s["offset"],  # noqa: E731
+                                                        backend=backend, **k)
+        z_hat, kl, grads = run(call, h, stats, priors, grad_z, grad_kl)
+        results.append([z_hat, kl, *grads])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("as_tensors", [False, True], ids=["python_scalars", "tensor_scalars"])
+def test_torch_compile_with_moving_scalars(backend, as_tensors):
+    """A compiled training step whose alpha, seed and offset change every call: fullgraph holds, at
+    most two compiles for ten values (the first specialisation, then one dynamic graph; one with
+    tensors), and the loss and every gradient equal eager's bitwise."""
+    def loss_fn(h, stats, prior_mu, prior_logvar, alpha, seed, offset):
+        z, kl = vib_sample_kl(h, stats, alpha, seed=seed, offset=offset, prior_mu=prior_mu,
+                              prior_logvar=prior_logvar, backend=backend)
         return (z * z).sum() + kl.sum()
 
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
     h, stats, priors, _, _ = make_inputs((2, 5), 11, torch.float32, learnable_prior=True)
-    results = []
-    for fn in (loss_fn, compiled):
-        leaves = [t.clone().requires_grad_() for t in (h, stats, *priors)]
-        loss = fn(*leaves)
-        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
-    for eager, traced in zip(*results):
-        torch.testing.assert_close(traced, eager, **TOL["float32"])
+    for step in range(10):
+        scalars = (0.05 + 0.1 * step, 1000 + 7919 * step, 64 * step)
+        if as_tensors:
+            scalars = tensor_scalars(*scalars)
+        results = []
+        for fn in (loss_fn, compiled):
+            leaves = [t.clone().requires_grad_() for t in (h, stats, *priors)]
+            loss = fn(*leaves, *scalars)
+            results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+        for eager, traced in zip(*results):
+            assert torch.equal(traced, eager), f"step {step}"
+    assert counter.frame_count <= (1 if as_tensors else 2), counter.frame_count
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
@@ -347,7 +396,13 @@ BAD_CALLS = {
     "alpha above 1": (dict(alpha=1.5), ValueError, "alpha"),
     "alpha negative": (dict(alpha=-0.1), ValueError, "alpha"),
     "alpha nan": (dict(alpha=float("nan")), ValueError, "alpha"),
-    "alpha tensor": (dict(alpha=torch.tensor(0.5)), TypeError, "alpha"),
+    "alpha float64 tensor": (dict(alpha=torch.tensor(0.5, dtype=torch.float64)), TypeError, "alpha"),
+    "alpha 1-dim tensor": (dict(alpha=torch.tensor([0.5])), ValueError, "alpha"),
+    "alpha on meta": (dict(alpha=torch.tensor(0.5, device="meta")), ValueError, "alpha"),
+    "seed int32 tensor": (dict(seed=torch.tensor(1, dtype=torch.int32)), TypeError, "seed"),
+    "seed float": (dict(seed=1.0), TypeError, "seed"),
+    "offset 1-dim tensor": (dict(offset=torch.tensor([1])), ValueError, "offset"),
+    "offset on meta": (dict(offset=torch.tensor(1, device="meta")), ValueError, "offset"),
     "negative seed": (dict(seed=-1), ValueError, "seed"),
     "seed too big": (dict(seed=2**64), ValueError, "seed"),
     "float offset": (dict(offset=1.0), TypeError, "offset"),

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .scalars import split_scalar
+
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) "
     "from the repository root; a C++17 compiler is needed, plus nvcc for the CUDA kernel"
@@ -54,10 +56,17 @@ def has_cuda() -> bool:
     return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(_FWD_OP, "CUDA")
 
 
+def _schema_scalars(alpha, seed, offset) -> tuple:
+    """The C++ schema's ``alpha, seed, offset, alpha_t, seed_t, offset_t`` (ops/scalars.py)."""
+    (alpha, alpha_t), (seed, seed_t), (offset, offset_t) = map(split_scalar, (alpha, seed, offset))
+    return float(alpha), seed, offset, alpha_t, seed_t, offset_t
+
+
 def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample):
     """``(z_hat [N, D] h.dtype, kl [N] float32)``; arguments as in docs/interfaces.md §A."""
     return torch.ops.vittle_fast.fused_sample_kl_fwd(
-        h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample
+        h, stats, *_schema_scalars(alpha, seed, offset), prior_mu, prior_logvar, clamp_lo, clamp_hi,
+        kl_logvar_coef, sample,
     )
 
 
@@ -65,7 +74,7 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
              kl_logvar_coef, sample):
     """``(grad_h, grad_stats, grad_prior_mu, grad_prior_logvar)``; prior gradients are None for the fixed prior."""
     grad_h, grad_stats, grad_prior_mu, grad_prior_logvar = torch.ops.vittle_fast.fused_sample_kl_bwd(
-        grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_logvar,
+        grad_z_hat, grad_kl, stats, *_schema_scalars(alpha, seed, offset), prior_mu, prior_logvar,
         clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
     if prior_mu is None:

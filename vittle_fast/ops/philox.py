@@ -33,11 +33,11 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox_uint32(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """The four uint32 Philox4x32-10 outputs for each 64-bit counter, as int64 ``[len, 4]``.
 
-    ``seed`` is the 64-bit key (negative values are read as their two's complement); ``counters``
-    is an int64 tensor of counter values ``c`` (wrapping mod 2**64 like Triton's uint64 math).
+    ``seed`` is the 64-bit key, a Python int or a 0-dim int64 tensor (negative values are read as
+    their two's complement); ``counters`` is an int64 tensor of counter values ``c`` (wrapping
+    mod 2**64 like Triton's uint64 math).
     """
-    key = seed & 0xFFFFFFFFFFFFFFFF
-    k0, k1 = key & _MASK32, key >> 32
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0 = counters & _MASK32
     c1 = (counters >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
@@ -66,9 +66,11 @@ def uniform_to_normal(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor,
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def normal_noise(seed: int, offset: int, n: int, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def normal_noise(seed: int | torch.Tensor, offset: int | torch.Tensor, n: int, d: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
     """The contract's noise for an ``[n, d]`` call: element ``k = i*d + j`` takes lane ``k % 4`` of
-    counter ``offset + k // 4``. Returns float32 ``[n, d]``."""
+    counter ``offset + k // 4`` (``seed``, ``offset``: Python ints or 0-dim int64 tensors on
+    ``device``). Returns float32 ``[n, d]``."""
     numel = n * d
     n_counters = -(-numel // 4)
     counters = offset + torch.arange(n_counters, dtype=torch.int64, device=device)

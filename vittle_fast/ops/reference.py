@@ -53,7 +53,7 @@ def clamp_straight_through(x: torch.Tensor, bounds: tuple[float, float] | None) 
 def vib_sample_kl_reference(
     h: torch.Tensor,
     stats: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     noise: torch.Tensor | None,
     prior_mu: torch.Tensor | None = None,
     prior_logvar: torch.Tensor | None = None,
@@ -63,9 +63,12 @@ def vib_sample_kl_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference ``(z_hat [..., D] in h.dtype, kl [...] float32)``; differentiable in every tensor.
 
-    ``noise`` is ``eps`` with ``h``'s shape (any float dtype), ignored when ``sample`` is False.
+    ``noise`` is ``eps`` with ``h``'s shape (any float dtype), ignored when ``sample`` is False;
+    ``alpha`` a Python float or a 0-dim float32 tensor.
     """
     d = h.shape[-1]
+    # float32 alpha, as the kernels use it (a CPU 0-dim tensor also serves CUDA tensors, uncopied)
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
     mu, logvar = stats.float().split(d, dim=-1)
     logvar = clamp_straight_through(logvar, logvar_clamp)
     if sample:

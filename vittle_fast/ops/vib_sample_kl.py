@@ -4,8 +4,8 @@ Layers, Liger-Kernel style: backend launchers (``triton/``, ``cpp.py``) -> two
 ``torch.library.custom_op``s (forward, backward) wired with ``register_autograd`` -> the functional
 API ``vib_sample_kl`` that validates arguments and picks a backend. The contract is docs/DESIGN.md §2.
 
-Only ``stats``, the priors and a few scalars are saved for backward: the noise is regenerated from
-``(seed, offset)`` and ``h`` is not needed because ``dL/dh = (1 - alpha) * dL/dz_hat``.
+Only ``stats``, the priors and the scalars (ops/scalars.py) are saved for backward: the noise is
+regenerated from ``(seed, offset)`` and ``h`` is not needed because ``dL/dh = (1 - alpha) * dL/dz_hat``.
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ import torch
 
 from .philox import normal_noise
 from .reference import KL_LOGVAR_COEF, vib_sample_kl_reference
+from .scalars import scalar_args, value_or_tensor
 
 BACKENDS = ("reference", "triton", "cpp", "auto")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_UINT64_RANGE = 2**64
-_INT64_RANGE = 2**63
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,25 +97,29 @@ def _launcher(backend: str) -> ModuleType:
 def _fused_forward(
     h: torch.Tensor,
     stats: torch.Tensor,
-    prior_mu: torch.Tensor | None,
-    prior_logvar: torch.Tensor | None,
     alpha: float,
     seed: int,
     offset: int,
+    alpha_t: torch.Tensor | None,
+    seed_t: torch.Tensor | None,
+    offset_t: torch.Tensor | None,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
     clamp_lo: float,
     clamp_hi: float,
     kl_logvar_coef: float,
     sample: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalars as ``(value, tensor or None)`` pairs (ops/scalars.py); the launchers take either."""
     return _launcher(backend).forward(
-        h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample
+        h, stats, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
+        prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
 
 
 @_fused_forward.register_fake
-def _fused_forward_fake(h, stats, prior_mu, prior_logvar, alpha, seed, offset, clamp_lo, clamp_hi,
-                        kl_logvar_coef, sample, backend):
+def _fused_forward_fake(h, stats, *args):
     return torch.empty_like(h), h.new_empty(h.shape[:-1], dtype=torch.float32)
 
 
@@ -125,11 +128,14 @@ def _fused_backward(
     grad_z_hat: torch.Tensor,
     grad_kl: torch.Tensor,
     stats: torch.Tensor,
-    prior_mu: torch.Tensor | None,
-    prior_logvar: torch.Tensor | None,
     alpha: float,
     seed: int,
     offset: int,
+    alpha_t: torch.Tensor | None,
+    seed_t: torch.Tensor | None,
+    offset_t: torch.Tensor | None,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
     clamp_lo: float,
     clamp_hi: float,
     kl_logvar_coef: float,
@@ -139,8 +145,9 @@ def _fused_backward(
     """Returns (grad_h, grad_stats, grad_prior_mu, grad_prior_logvar); the prior gradients are
     empty ``[0]`` tensors for the fixed prior (a custom op cannot return None)."""
     grad_h, grad_stats, grad_mu_p, grad_lv_p = _launcher(backend).backward(
-        grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_logvar,
-        clamp_lo, clamp_hi, kl_logvar_coef, sample,
+        grad_z_hat, grad_kl, stats,
+        value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
+        prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
     if prior_mu is None:  # two distinct tensors: custom-op outputs may not alias each other
         grad_mu_p, grad_lv_p = (stats.new_empty((0,), dtype=torch.float32) for _ in range(2))
@@ -148,8 +155,8 @@ def _fused_backward(
 
 
 @_fused_backward.register_fake
-def _fused_backward_fake(grad_z_hat, grad_kl, stats, prior_mu, prior_logvar, alpha, seed, offset,
-                         clamp_lo, clamp_hi, kl_logvar_coef, sample, backend):
+def _fused_backward_fake(grad_z_hat, grad_kl, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
+                         *args):
     prior_shape = (0,) if prior_mu is None else prior_mu.shape
     return (
         torch.empty_like(grad_z_hat),
@@ -159,30 +166,28 @@ def _fused_backward_fake(grad_z_hat, grad_kl, stats, prior_mu, prior_logvar, alp
     )
 
 
-_SCALAR_ARGS = ("alpha", "seed", "offset", "clamp_lo", "clamp_hi", "kl_logvar_coef", "sample", "backend")
-
-
 def _setup_context(ctx, inputs, output):
-    h, stats, prior_mu, prior_logvar, *scalars = inputs
-    ctx.save_for_backward(stats, prior_mu, prior_logvar)
-    ctx.scalars = dict(zip(_SCALAR_ARGS, scalars))
+    h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar, *options = inputs
+    ctx.save_for_backward(stats, alpha_t, seed_t, offset_t, prior_mu, prior_logvar)
+    ctx.scalars = (alpha, seed, offset)
+    ctx.options = options
     ctx.h_dtype = h.dtype
 
 
 def _backward(ctx, grad_z_hat, grad_kl):
-    stats, prior_mu, prior_logvar = ctx.saved_tensors
+    stats, *scalar_tensors, prior_mu, prior_logvar = ctx.saved_tensors
     n_tokens, d = stats.shape[0], stats.shape[1] // 2
     if grad_z_hat is None:
         grad_z_hat = stats.new_zeros((n_tokens, d), dtype=ctx.h_dtype)
     if grad_kl is None:
         grad_kl = stats.new_zeros((n_tokens,), dtype=torch.float32)
     grad_h, grad_stats, grad_mu_p, grad_lv_p = _fused_backward(
-        grad_z_hat.contiguous(), grad_kl.float().contiguous(), stats, prior_mu, prior_logvar,
-        **ctx.scalars,
+        grad_z_hat.contiguous(), grad_kl.float().contiguous(), stats, *ctx.scalars, *scalar_tensors,
+        prior_mu, prior_logvar, *ctx.options,
     )
     if prior_mu is None:
         grad_mu_p = grad_lv_p = None
-    return (grad_h, grad_stats, grad_mu_p, grad_lv_p) + (None,) * len(_SCALAR_ARGS)
+    return (grad_h, grad_stats) + (None,) * 6 + (grad_mu_p, grad_lv_p) + (None,) * len(ctx.options)
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -198,14 +203,8 @@ def _check_tensor(name: str, value, *, float_only: bool = True) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {value.dtype}")
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-    if not low <= value < high:
-        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
-
-
-def _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clamp, kl_form, sample) -> None:
+def _validate(h, stats, prior_mu, prior_logvar, logvar_clamp, kl_form, sample) -> None:
+    """Tensor and option arguments (the scalars: ``scalar_args``)."""
     _check_tensor("h", h)
     _check_tensor("stats", stats)
     if h.dim() < 1 or h.shape[-1] < 1:
@@ -220,12 +219,6 @@ def _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clam
         raise TypeError(f"stats must have h's dtype {h.dtype}, got {stats.dtype}")
     if stats.device != h.device:
         raise ValueError(f"stats must be on h's device {h.device}, got {stats.device}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (float, int)):
-        raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    _check_int("seed", seed, 0, _UINT64_RANGE)
-    _check_int("offset", offset, 0, _INT64_RANGE)
     if (prior_mu is None) != (prior_logvar is None):
         raise ValueError("prior_mu and prior_logvar must be given together (learnable prior) or both be None")
     for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
@@ -251,10 +244,10 @@ def _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clam
 def vib_sample_kl(
     h: torch.Tensor,
     stats: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     *,
-    seed: int,
-    offset: int = 0,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor = 0,
     prior_mu: torch.Tensor | None = None,
     prior_logvar: torch.Tensor | None = None,
     logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025),
@@ -268,9 +261,10 @@ def vib_sample_kl(
     Args:
         h: ``[..., D]`` pre-bottleneck hidden states (float32 / bfloat16 / float16).
         stats: ``[..., 2D]`` bottleneck MLP output, ``mu = stats[..., :D]``, ``lv = stats[..., D:]``.
-        alpha: interpolation weight in [0, 1].
-        seed: Philox key, 0 <= seed < 2**64.
-        offset: Philox counter base; calls whose offsets differ by >= ceil(N*D/4) never share noise.
+        alpha: interpolation weight in [0, 1]: a Python float or a 0-dim float32 tensor on h's device.
+        seed: Philox key: a Python int in [0, 2**64) or a 0-dim int64 tensor holding its 64 bits.
+        offset: Philox counter base (Python int in [0, 2**63) or 0-dim int64 tensor); calls whose
+            offsets differ by >= ceil(N*D/4) never share noise.
         prior_mu, prior_logvar: ``[D]`` learnable prior (both) or None for N(0, I).
         logvar_clamp: straight-through clamp of the log-variances, None to disable.
         kl_form: ``"standard"`` (Eq. 8) or ``"released"`` (the released code's KL, which halves both
@@ -278,34 +272,38 @@ def vib_sample_kl(
         sample: False gives the posterior mean (inference): ``z~ = mu``.
         backend: ``"reference" | "triton" | "cpp" | "auto"``.
 
+    Tensor scalars are read by the kernels from memory (CUDA-graph safe; their values are not
+    range-checked): the convention of ``vittle_fast.ops.scalars``. Results are bitwise the same
+    for a Python scalar and the equal tensor.
+
     Returns:
         ``z_hat`` ``[..., D]`` in ``h.dtype`` and ``kl`` ``[...]`` float32.
     """
-    _validate(h, stats, alpha, seed, offset, prior_mu, prior_logvar, logvar_clamp, kl_form, sample)
+    _validate(h, stats, prior_mu, prior_logvar, logvar_clamp, kl_form, sample)
+    scalars = scalar_args(alpha, seed, offset, h.device)
     backend = resolve_backend(backend, h.device.type)
     lead_shape, d = h.shape[:-1], h.shape[-1]
-    alpha = float(alpha)
     if prior_mu is not None:  # the kernels read fp32 priors; autograd casts the gradient back
         prior_mu, prior_logvar = prior_mu.float().contiguous(), prior_logvar.float().contiguous()
 
     if backend == "reference":
         noise = None
         if sample:
-            noise = normal_noise(seed, offset, h.numel() // d, d, device=h.device).reshape(h.shape)
+            noise = normal_noise(value_or_tensor(scalars.seed, scalars.seed_t),
+                                 value_or_tensor(scalars.offset, scalars.offset_t),
+                                 h.numel() // d, d, device=h.device).reshape(h.shape)
         return vib_sample_kl_reference(
-            h, stats, alpha, noise, prior_mu, prior_logvar, logvar_clamp, kl_form, sample
+            h, stats, value_or_tensor(scalars.alpha, scalars.alpha_t), noise, prior_mu, prior_logvar,
+            logvar_clamp, kl_form, sample,
         )
 
     clamp_lo, clamp_hi = (-math.inf, math.inf) if logvar_clamp is None else map(float, logvar_clamp)
-    seed_int64 = seed - _UINT64_RANGE if seed >= _INT64_RANGE else seed  # same 64 bits, int64 view
     z_hat, kl = _fused_forward(
         h.reshape(-1, d).contiguous(),
         stats.reshape(-1, 2 * d).contiguous(),
+        *scalars,
         prior_mu,
         prior_logvar,
-        alpha,
-        seed_int64,
-        offset,
         clamp_lo,
         clamp_hi,
         KL_LOGVAR_COEF[kl_form],

@@ -47,6 +47,7 @@ class Variant:
     rows: int
     num_warps: int
     max_registers: int | None
+    scalars_in_memory: bool = False  # alpha / seed / offset given as tensors (pointer loads)
 
     @property
     def fn(self):
@@ -63,12 +64,16 @@ class Variant:
             pointers = {"grad_z_hat_ptr": tensor, "grad_kl_ptr": "*fp32", "stats_ptr": tensor,
                         "prior_mu_ptr": prior, "prior_logvar_ptr": prior, "grad_h_ptr": tensor,
                         "grad_stats_ptr": tensor, "prior_partials_ptr": prior}
+        scalar_ptrs = {"alpha_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64"}
+        if not self.scalars_in_memory:
+            scalar_ptrs = dict.fromkeys(scalar_ptrs, "constexpr")
         scalars = {"n_rows": "i32", "D": "i32", "tiles_per_program": "i32", "alpha": "fp32",
-                   "seed": "i64", "offset": "i64", "clamp_lo": "fp32", "clamp_hi": "fp32",
+                   "seed": "i64", "offset": "i64", **scalar_ptrs, "clamp_lo": "fp32", "clamp_hi": "fp32",
                    "kl_logvar_coef": "fp32"}
         flags = {"LEARNABLE_PRIOR": self.learnable_prior, "SAMPLE": self.sample, "ROWS": self.rows,
                  "BLOCK": self.block}
         signature = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
+        pointers |= scalar_ptrs  # None pointers are constexprs, given ones 16-byte aligned
         constexprs = {**{name: None for name, ty in pointers.items() if ty == "constexpr"}, **flags}
         aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + ["D"]
         attrs = {(self.fn.arg_names.index(name),): ALIGNED for name in aligned}
@@ -76,20 +81,24 @@ class Variant:
 
 
 def variants(full: bool) -> list[Variant]:
-    """Full: every (kernel, cc, dtype, prior, sample, tile) the GPU launcher can pick for bf16/fp32.
+    """Full: every (kernel, cc, dtype, prior, sample, tile) the GPU launcher can pick for bf16/fp32,
+    and the sampling ones again with alpha / seed / offset given as tensors.
 
     Subset: every kernel x cc x dtype x prior at the large-D tile (the training shape, sample on),
-    plus two multi-row tiles (smallest and middle block) and the posterior-mean path.
+    plus two multi-row tiles (smallest and middle block), the posterior-mean path and tensor scalars.
     """
     tiles = op.gpu_tile_configs()
-    if full:
-        grid = itertools.product(("fwd", "bwd"), (80, 90), ("bf16", "fp32"), (False, True), (True, False), tiles)
-        return [Variant(*head, *tile) for *head, tile in grid]
+    if full:  # + tensor scalars (read from memory) for every sampling variant
+        heads = itertools.product(("fwd", "bwd"), (80, 90), ("bf16", "fp32"), (False, True), (True, False))
+        grid = [(*head, *tile, False) for head in heads for tile in tiles]
+        grid += [(*head[:5], *head[5:9], True) for head in grid if head[4]]
+        return [Variant(*args) for args in grid]
     largest, multi_row = tiles[-1], (tiles[0], tiles[len(tiles) // 2])
     chosen = [Variant(k, cc, dt, prior, True, *largest)
               for k, cc, dt, prior in itertools.product(("fwd", "bwd"), (80, 90), ("bf16", "fp32"), (False, True))]
     chosen += [Variant(k, 90, "bf16", True, True, *tile) for tile in multi_row for k in ("fwd", "bwd")]
     chosen += [Variant(k, 90, "bf16", False, False, *largest) for k in ("fwd", "bwd")]
+    chosen += [Variant(k, 90, "bf16", True, True, *largest, scalars_in_memory=True) for k in ("fwd", "bwd")]
     return chosen
 
 
@@ -121,13 +130,14 @@ def resource_usage(variant: Variant, workdir: Path) -> dict:
             "ld_bytes": _widest_access_bytes(ptx, "ld"), "st_bytes": _widest_access_bytes(ptx, "st")}
 
 
-COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "BLOCK", "ROWS", "warps", "maxnreg",
+COLUMNS = ("kernel", "sm", "dtype", "prior", "sample", "scalars", "BLOCK", "ROWS", "warps", "maxnreg",
            "regs", "spill B", "stack B", "local B", "shared B", "widest ld B", "widest st B")
 
 
 def table_row(variant: Variant, usage: dict) -> list:
     return [variant.kernel, variant.cc, variant.dtype, "learnable" if variant.learnable_prior else "fixed",
-            variant.sample, variant.block, variant.rows, variant.num_warps, variant.max_registers or "-",
+            variant.sample, "memory" if variant.scalars_in_memory else "args", variant.block, variant.rows,
+            variant.num_warps, variant.max_registers or "-",
             usage["regs"], usage["spill_bytes"], usage["stack"], usage["local"], usage["shared"],
             usage["ld_bytes"], usage["st_bytes"]]
 

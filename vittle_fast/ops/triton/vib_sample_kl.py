@@ -27,11 +27,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ..scalars import split_scalar
 
 ROW_INTERLEAVE = 4  # rows of one program are 4 apart, so they share (row * D) % 4 (see module doc)
 
@@ -84,6 +87,19 @@ def _normal_tile(seed, offset, rows, lead, chunk, D, ROWS: tl.constexpr, BLOCK: 
 
 
 @triton.jit
+def _load_scalars(alpha, seed, offset, alpha_ptr, seed_ptr, offset_ptr):
+    """The call's scalars: each from memory when its pointer is given (a tensor scalar: CUDA-graph
+    safe), else the launch argument. A None pointer is a compile-time constant: no branch at run time."""
+    if alpha_ptr is not None:
+        alpha = tl.load(alpha_ptr)
+    if seed_ptr is not None:
+        seed = tl.load(seed_ptr)
+    if offset_ptr is not None:
+        offset = tl.load(offset_ptr)
+    return alpha, seed, offset
+
+
+@triton.jit
 def _element_offsets(rows, cols, D):
     """int64 [ROWS, BLOCK] offsets of (i, j) into an [N, D] tensor and into mu = stats[:, :D]."""
     return D * rows[:, None] + cols[None, :], (2 * D) * rows[:, None] + cols[None, :]
@@ -121,11 +137,12 @@ def _load_prior(prior_mu_ptr, prior_logvar_ptr, cols, col_mask, clamp_lo, clamp_
 def _vib_sample_kl_fwd_kernel(
     h_ptr, stats_ptr, prior_mu_ptr, prior_logvar_ptr, z_hat_ptr, kl_ptr,
     n_rows, D, tiles_per_program,
-    alpha: tl.float32, seed: tl.int64, offset: tl.int64,
+    alpha: tl.float32, seed: tl.int64, offset: tl.int64, alpha_ptr, seed_ptr, offset_ptr,
     clamp_lo: tl.float32, clamp_hi: tl.float32, kl_logvar_coef: tl.float32,
     LEARNABLE_PRIOR: tl.constexpr, SAMPLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """z_hat = (1-a) h + a (mu + exp(lv/2) eps); kl_i = mean_j KL_ij. Rows outer, chunks inner."""
+    alpha, seed, offset = _load_scalars(alpha, seed, offset, alpha_ptr, seed_ptr, offset_ptr)
     pid = tl.program_id(0)
     lead = _row_lead(pid, D)
     for tile in range(tiles_per_program):
@@ -159,7 +176,7 @@ def _vib_sample_kl_bwd_kernel(
     grad_z_hat_ptr, grad_kl_ptr, stats_ptr, prior_mu_ptr, prior_logvar_ptr,
     grad_h_ptr, grad_stats_ptr, prior_partials_ptr,
     n_rows, D, tiles_per_program,
-    alpha: tl.float32, seed: tl.int64, offset: tl.int64,
+    alpha: tl.float32, seed: tl.int64, offset: tl.int64, alpha_ptr, seed_ptr, offset_ptr,
     clamp_lo: tl.float32, clamp_hi: tl.float32, kl_logvar_coef: tl.float32,
     LEARNABLE_PRIOR: tl.constexpr, SAMPLE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -168,6 +185,7 @@ def _vib_sample_kl_bwd_kernel(
     Chunks outer, rows inner: a chunk's columns are the same in every row of the program, so the
     prior partials of a chunk accumulate in registers over all rows and are stored once.
     """
+    alpha, seed, offset = _load_scalars(alpha, seed, offset, alpha_ptr, seed_ptr, offset_ptr)
     pid = tl.program_id(0)
     lead = _row_lead(pid, D)
     for chunk in range(tl.cdiv(D + lead, BLOCK)):
@@ -291,6 +309,17 @@ def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def _scalar_launch_args(alpha, seed, offset) -> tuple:
+    """``(alpha, seed, offset, alpha_ptr, seed_ptr, offset_ptr)``: a tensor scalar goes as a pointer.
+
+    A Python alpha is rounded to float32 here: a GPU launch does that anyway, but the interpreter
+    keeps the double, and ``1.0 - alpha`` would then round differently from the float32 tensor's.
+    """
+    (alpha, alpha_ptr), (seed, seed_ptr), (offset, offset_ptr) = map(split_scalar, (alpha, seed, offset))
+    alpha = struct.unpack("f", struct.pack("f", alpha))[0]
+    return alpha, seed, offset, alpha_ptr, seed_ptr, offset_ptr
+
+
 def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi,
             kl_logvar_coef, sample, *, config: LaunchConfig | None = None):
     """(z_hat [N, D] h.dtype, kl [N] fp32). ``config`` overrides the launch choice (tests)."""
@@ -304,7 +333,7 @@ def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, cla
         _vib_sample_kl_fwd_kernel[(config.num_programs(n_rows),)](
             h, stats, prior_mu, prior_logvar, z_hat, kl,
             n_rows, d, config.tiles_per_program,
-            alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
+            *_scalar_launch_args(alpha, seed, offset), clamp_lo, clamp_hi, kl_logvar_coef,
             LEARNABLE_PRIOR=prior_mu is not None, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
             num_warps=config.num_warps, maxnreg=config.max_registers,
         )
@@ -327,7 +356,7 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
                 grad_z_hat, grad_kl, stats, prior_mu, prior_logvar,
                 grad_h, grad_stats, partials,
                 n_rows, d, config.tiles_per_program,
-                alpha, seed, offset, clamp_lo, clamp_hi, kl_logvar_coef,
+                *_scalar_launch_args(alpha, seed, offset), clamp_lo, clamp_hi, kl_logvar_coef,
                 LEARNABLE_PRIOR=learnable, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
                 num_warps=config.num_warps, maxnreg=config.max_registers,
             )
