@@ -196,3 +196,27 @@ def test_jsd_estimator_on_known_distributions():
     assert gaussian_jsd(base, base + 100.0) == pytest.approx(math.log(2), abs=1e-6)
     wide = rng.normal(size=(3000, 5))
     assert gaussian_jsd(wide, wide * 3.0) > gaussian_jsd(wide, wide * 1.5) > 0.01
+
+
+def test_trainer_validation_matches_the_eval_cli(tmp_path):
+    """`eval.every` logs val_loss / val_accuracy (right-padded collator batches) equal to what the eval
+    CLI measures on the export (left-padded prompts + references) with the same weights and alpha;
+    the export carries the tokenizer."""
+    from test_train_fixtures import tiny_args
+
+    from vittle_fast.train.metrics import read_metrics
+    from vittle_fast.train.trainer import main
+    data_dir = tmp_path / "data"
+    make_uniform_dataset(data_dir)
+    main(tiny_args(data_dir, tmp_path / "run", "--max_steps", "2", "eval.every=1",
+                   f"eval.data_path={data_dir / 'train.json'}", "checkpoint.export_safetensors=true",
+                   "vittle.alpha_end=0.5"))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [1, 2]
+    metrics = cli.main(["--model", str(tmp_path / "run" / "export"), "--questions", str(data_dir / "train.json"),
+                        "--images", str(data_dir), "--out", str(tmp_path / "eval"), "--max_new_tokens", "2",
+                        "--no_progress"])
+    assert metrics["n_with_reference"] == 16 and metrics["alpha"] == records[-1]["alpha"]
+    torch.testing.assert_close(torch.tensor(metrics["nll_per_token"]), torch.tensor(records[-1]["val_loss"]),
+                               **TOL["fp32_sum"])
+    assert metrics["teacher_forced_accuracy"] == records[-1]["val_accuracy"]

@@ -6,7 +6,7 @@ given coloured shape is present. Every answer is a deterministic function of the
 the text-only arithmetic records, of the question) from a small answer set, so a tiny model can
 learn it in minutes on a CPU.
 
-    python -m vittle_fast.data.demo --out DIR [--n_train N --n_val M --seed S --image_size P]
+    python -m vittle_fast.data.demo --out DIR [--n_train N --n_val M --seed S --image_size P --n_contrast K]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ BACKGROUND = (245, 245, 245)
 TEXT_ONLY_FRACTION = 0.1
 TWO_TURN_FRACTION = 0.3
 INFO_FILE = "demo_info.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class DemoPaths:
     val_json: Path
     image_folder: Path
     tokenizer_dir: Path
+    val_questions: Path  # val.json's turns as LLaVA question lines (python -m vittle_fast.eval)
+    contrast_questions: Path  # image-dependent pairs: same question, two images, different answers
 
 
 def random_scene(rng: random.Random) -> list[DemoObject]:
@@ -116,6 +119,42 @@ def _ask_presence(scene, rng):
 
 
 QUESTION_KINDS = (_ask_colour, _ask_shape, _ask_count, _ask_position, _ask_presence)
+# The question templates above as patterns: kind -> regex whose groups are the question's parameters.
+QUESTION_PATTERNS = {
+    "colour": re.compile(r"What colour is the (\w+)\?"),
+    "shape": re.compile(r"What shape is the (\w+) object\?"),
+    "count": re.compile(r"How many shapes are there\?"),
+    "position": re.compile(r"Where is the (\w+) (\w+)\?"),
+    "presence": re.compile(r"Is there a (\w+) (\w+) in the image\?"),
+    "arithmetic": re.compile(r"What is (\d) plus (\d)\?"),
+}
+
+
+def question_kind(question: str) -> str:
+    """The kind of a demo question (``<image>`` and surrounding whitespace ignored)."""
+    text = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    for kind, pattern in QUESTION_PATTERNS.items():
+        if pattern.fullmatch(text):
+            return kind
+    raise ValueError(f"not a demo question: {question!r}")
+
+
+def answer_in_scene(question: str, scene: list[DemoObject]) -> str | None:
+    """The answer to an image question about ``scene``, or None when it does not apply (it names an
+    object the scene lacks)."""
+    text = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    kind = question_kind(text)
+    args = QUESTION_PATTERNS[kind].fullmatch(text).groups()
+    if kind == "count":
+        return NUMBER_WORDS[len(scene)]
+    if kind == "presence":
+        return "Yes" if any((o.colour, o.shape) == args for o in scene) else "No"
+    match = {"colour": lambda o: o.shape == args[0], "shape": lambda o: o.colour == args[0],
+             "position": lambda o: (o.colour, o.shape) == args}[kind]
+    found = [o for o in scene if match(o)]
+    if not found:
+        return None
+    return {"colour": found[0].colour, "shape": found[0].shape, "position": found[0].quadrant}[kind]
 
 
 def _text_only_conversation(rng: random.Random) -> list[dict]:
@@ -149,6 +188,45 @@ def generate_records(split: str, n: int, image_size: int, image_dir: Path,
     return records
 
 
+def contrast_questions(n_pairs: int, image_size: int, image_dir: Path, rng: random.Random) -> list[dict]:
+    """``n_pairs`` pairs of LLaVA question lines (``question_id``/``image``/``text``/``answer``/
+    ``category``): the same question about two images whose answers differ, so a model that ignores
+    the image answers at most one of each pair -- pair accuracy is 0 without reading the image."""
+    lines = []
+    while len(lines) < 2 * n_pairs:
+        scene_a = random_scene(rng)
+        question, answer_a = rng.choice(QUESTION_KINDS)(scene_a, rng)
+        for _ in range(100):
+            scene_b = random_scene(rng)
+            answer_b = answer_in_scene(question, scene_b)
+            if answer_b is not None and answer_b != answer_a:
+                break
+        else:
+            continue
+        pair = len(lines) // 2
+        for side, scene, answer in (("a", scene_a, answer_a), ("b", scene_b, answer_b)):
+            name = f"contrast-{pair:04d}-{side}.png"
+            render_scene(scene, image_size, rng).save(image_dir / name)
+            lines.append({"question_id": f"c{pair:04d}{side}", "image": name, "text": question, "answer": answer,
+                          "category": question_kind(question)})
+    return lines
+
+
+def val_question_lines(val: list[dict]) -> list[dict]:
+    """Every turn of the validation records as a LLaVA question line with its kind as ``category``."""
+    lines = []
+    for record in val:
+        conversation = record["conversations"]
+        for k, (human, reply) in enumerate(zip(conversation[0::2], conversation[1::2])):
+            text = human["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+            line = {"question_id": f"{record['id']}_{k}", "text": text, "answer": reply["value"],
+                    "category": question_kind(text)}
+            if "image" in record:
+                line["image"] = record["image"]
+            lines.append(line)
+    return lines
+
+
 def train_tokenizer(records: list[dict], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the records as the Vicuna-v1 template renders them."""
     def corpus():
@@ -172,7 +250,8 @@ def train_tokenizer(records: list[dict], vocab_size: int) -> PreTrainedTokenizer
 
 def _paths(root: Path) -> DemoPaths:
     return DemoPaths(root=root, train_json=root / "train.json", val_json=root / "val.json",
-                     image_folder=root / "images", tokenizer_dir=root / "tokenizer")
+                     image_folder=root / "images", tokenizer_dir=root / "tokenizer",
+                     val_questions=root / "val_questions.jsonl", contrast_questions=root / "contrast_questions.jsonl")
 
 
 def _existing_params(root: Path) -> dict | None:
@@ -191,11 +270,16 @@ def _build(root: Path, params: dict) -> None:
     paths.train_json.write_text(json.dumps(train, indent=1))
     paths.val_json.write_text(json.dumps(val, indent=1))
     train_tokenizer(train + val, params["vocab_size"]).save_pretrained(paths.tokenizer_dir)
+    contrast_rng = random.Random(f"contrast/{params['seed']}")  # its own stream: train/val stay as they were
+    for path, lines in ((paths.val_questions, val_question_lines(val)),
+                        (paths.contrast_questions, contrast_questions(params["n_contrast"], params["image_size"],
+                                                                      paths.image_folder, contrast_rng))):
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     (root / INFO_FILE).write_text(json.dumps(params, indent=1))  # last: marks the set complete
 
 
 def make_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 1000, n_val: int = 200,
-                      seed: int = 0, image_size: int = 64, vocab_size: int = 1024,
+                      seed: int = 0, image_size: int = 64, vocab_size: int = 1024, n_contrast: int = 100,
                       overwrite: bool = False) -> DemoPaths:
     """Write the demo set into ``out_dir`` (images/, train.json, val.json, tokenizer/).
 
@@ -204,13 +288,17 @@ def make_demo_dataset(out_dir: str | os.PathLike, *, n_train: int = 1000, n_val:
     leave a half-written set behind.
     """
     for name, value, minimum in (("n_train", n_train, 1), ("n_val", n_val, 0), ("seed", seed, 0),
-                                 ("image_size", image_size, 8), ("vocab_size", vocab_size, 300)):
+                                 ("image_size", image_size, 8), ("vocab_size", vocab_size, 300),
+                                 ("n_contrast", n_contrast, 0)):
         check_int(name, value, minimum)
     params = {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
-              "image_size": image_size, "vocab_size": vocab_size}
+              "image_size": image_size, "vocab_size": vocab_size, "n_contrast": n_contrast}
     root = Path(out_dir)
-    if _existing_params(root) == params and not overwrite:
+    existing = _existing_params(root)
+    if existing == params and not overwrite:
         return _paths(root)
+    if existing is not None and existing.get("format_version") != FORMAT_VERSION:
+        overwrite = True  # a set made by an older version of this module: a cache, rebuilt
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise ValueError(f"out_dir {root} is not empty and holds no demo set made with {params}; "
                          "pass overwrite=True to replace it")
@@ -234,12 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--n_train", type=int, default=1000)
     parser.add_argument("--n_val", type=int, default=200)
+    parser.add_argument("--n_contrast", type=int, default=100, help="image-dependent question pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=64, help="rendered image side (pixels)")
     parser.add_argument("--vocab_size", type=int, default=1024)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     args = parser.parse_args(argv)
-    paths = make_demo_dataset(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+    paths = make_demo_dataset(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed, n_contrast=args.n_contrast,
                               image_size=args.image_size, vocab_size=args.vocab_size,
                               overwrite=args.overwrite)
     for name, path in asdict(paths).items():

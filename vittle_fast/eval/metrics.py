@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 import string
 
+import torch
+import torch.nn.functional as F
+
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -79,3 +82,13 @@ def summarize(answers: list[dict]) -> dict:
             c: {"n": len(sel), "exact_match": sum(exact_match(a["text"], a["metadata"]["reference"]) for a in sel) / len(sel)}
             for c in categories for sel in [[a for a in scored if a["metadata"].get("category") == c]]}
     return result
+
+
+def reference_scores(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """Per row of next-token ``logits`` [B, S, V] and ``targets`` [B, S]: summed NLL (fp32), number of
+    target tokens, and whether every target is the argmax (greedy decoding would reproduce it)."""
+    logits = logits.float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore_index, reduction="none")
+    counted = targets != ignore_index
+    all_argmax = ((logits.argmax(-1) == targets) | ~counted).all(1) & counted.any(1)
+    return nll.sum(1), counted.sum(1), all_argmax

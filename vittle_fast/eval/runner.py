@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 
@@ -31,7 +30,7 @@ from vittle_fast.data.conversation import (
 from vittle_fast.data.image import preprocess_image
 from vittle_fast.models import LlavaVittle, llava_from_hf
 
-from .metrics import summarize
+from .metrics import reference_scores, summarize
 from .perturb import Perturbation, perturb_image, perturb_text
 from .questions import Question, key_of, load_questions
 
@@ -218,16 +217,13 @@ class Evaluator:
             lambda _m, _i, out, i=i: captured.__setitem__(i, out)) for i in (layers if dump_hidden else ())]
         try:
             logits = model(ids, attention_mask=mask, position_ids=positions, pixel_values=pixel_values,
-                           vittle_alpha=ex.alpha).logits[:, :-1].float()
+                           vittle_alpha=ex.alpha).logits[:, :-1]
         finally:
             for handle in handles:
                 handle.remove()
-        targets = labels[:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        counted = targets != IGNORE_INDEX
-        correct = ((logits.argmax(-1) == targets) | ~counted).all(1)
-        scores = [{"nll_sum": float(n), "n_ref_tokens": int(c), "tf_correct": bool(ok and c > 0)}
-                  for n, c, ok in zip(nll.sum(1).tolist(), counted.sum(1).tolist(), correct.tolist())]
+        nll, counted, correct = reference_scores(logits, labels[:, 1:], IGNORE_INDEX)
+        scores = [{"nll_sum": float(n), "n_ref_tokens": int(c), "tf_correct": bool(ok)}
+                  for n, c, ok in zip(nll.tolist(), counted.tolist(), correct.tolist())]
         hidden = self._pool(captured, ids, mask & (labels == IGNORE_INDEX)) if dump_hidden else None
         return scores, hidden
 

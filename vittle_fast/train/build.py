@@ -238,7 +238,8 @@ def resolve_demo_data(cfg: TrainConfig, is_main: bool) -> TrainConfig:
     paths = make_demo_dataset(cfg.data.demo_dir, n_train=cfg.data.demo_num_samples, seed=cfg.seed)
     return apply_overrides(cfg, {"data.data_path": str(paths.train_json),
                                  "data.image_folder": str(paths.image_folder),
-                                 "data.tokenizer": str(paths.tokenizer_dir)})
+                                 "data.tokenizer": str(paths.tokenizer_dir),
+                                 "eval.data_path": cfg.eval.data_path or str(paths.val_json)})
 
 
 def build_data(cfg: TrainConfig, rank: int, world_size: int) -> BatchStream:
@@ -260,3 +261,16 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int) -> BatchStream:
         num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
     )
     return BatchStream(loader, sampler, vocab_size=len(tokenizer), image_token_id=dataset.image_token_id)
+
+
+def build_validator(cfg: TrainConfig, rank: int, world_size: int):
+    """The `eval.every` validation pass, or None when it is off."""
+    if not cfg.eval.every:
+        return None
+    from vittle_fast.eval.validation import Validator
+
+    image_size, patch_size = vision_geometry(cfg)
+    d = cfg.data
+    return Validator(cfg.eval.data_path, load_tokenizer(cfg), image_folder=cfg.eval.image_folder or d.image_folder or None,
+                     template=d.template, image_size=image_size, patch_size=patch_size, max_length=d.max_length,
+                     max_samples=cfg.eval.max_samples, batch_size=d.micro_batch_size, rank=rank, world_size=world_size)

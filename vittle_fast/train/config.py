@@ -129,6 +129,16 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """Periodic validation during training (vittle_fast/eval/validation.py), logged and plotted."""
+
+    every: int = opt(0, "steps between validation passes (val_loss, val_accuracy); 0 = off")
+    data_path: str = opt("", "validation LLaVA JSON; empty with data.demo = the demo's val.json")
+    image_folder: str = opt("", "its images; empty = data.image_folder")
+    max_samples: int = opt(200, "validate on the first N records; 0 = all")
+
+
+@dataclass
 class ParallelSection:
     replicate: int = opt(1, "> 1: HSDP, replicate x (world/replicate) shard mesh (e.g. the number of nodes)")
     param_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "FSDP compute dtype (also CLIP storage)")
@@ -155,6 +165,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def errors(self) -> list[str]:
         """Cross-field problems that single-field types cannot express, one message each."""
@@ -171,6 +182,10 @@ class TrainConfig:
             "parallel.ac_every_k": self.parallel.ac_every_k,
         }
         found += [f"{name} must be >= 1, got {value}" for name, value in positive.items() if value < 1]
+        if self.eval.every < 0 or self.eval.max_samples < 0:
+            found.append(f"eval.every and eval.max_samples must be >= 0, got {self.eval.every}, {self.eval.max_samples}")
+        if self.eval.every and not (self.eval.data_path or self.data.demo):
+            found.append("eval.every > 0 needs eval.data_path (or data.demo=true: the demo's val.json)")
         if self.stop_at_step < 0:
             found.append(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.checkpoint.interval < 0:

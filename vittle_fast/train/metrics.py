@@ -191,6 +191,15 @@ def plot_metrics(path: Path, out_png: Path) -> Path:
     fig, (ax_loss, ax_kl) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(steps, [r["loss"] for r in records], label="loss")
     ax_loss.plot(steps, [r["ce"] for r in records], label="CE")
+    validated = [r for r in records if r.get("val_loss") is not None]
+    if validated:  # eval.every: validation loss beside the training CE, accuracy on its own axis
+        ax_loss.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], "o-", label="val loss")
+        ax_accuracy = ax_loss.twinx()
+        ax_accuracy.plot([r["step"] for r in validated], [r["val_accuracy"] for r in validated], "s--",
+                         color="tab:green", label="val accuracy")
+        ax_accuracy.set_ylim(0, 1)
+        ax_accuracy.set_ylabel("val accuracy")
+        ax_accuracy.legend(loc="center right")
     ax_loss.set_xlabel("step")
     ax_loss.legend()
     ax_kl.plot(steps, [r["kl_v"] for r in records], label="KL visual")

@@ -21,6 +21,7 @@ from ..models.llava import IGNORE_INDEX, causal_lm_targets
 from .build import (
     build_data,
     build_model,
+    build_validator,
     check_config,
     count_params,
     current_alpha,
@@ -172,6 +173,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         matmul_params, len(model.language_model.layers), model.language_model.config.hidden_size, cfg.data.max_length
     )
 
+    validator = build_validator(cfg, info.rank, info.world_size)
     end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     for step in range(start_step, end_step):
         alpha = current_alpha(cfg, step)
@@ -180,7 +182,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         scheduler.step()
         done = step + 1
 
-        if done % cfg.logging.log_every == 0 or done == end_step:
+        val = {}
+        if validator is not None and (done % cfg.eval.every == 0 or done == end_step):
+            val = validator(model, alpha, info.device)
+        if done % cfg.logging.log_every == 0 or done == end_step or val:
             totals = acc.reduce_and_reset(info.world_size)
             tokens_per_s = totals["tokens"] / clock.lap()
             logger.log({
@@ -195,6 +200,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 "skipped_records": totals["skipped_records"],
                 **peak_memory(info.device),
                 **telemetry.read(),
+                **val,
             })
 
         interval = cfg.checkpoint.interval
