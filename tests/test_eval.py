@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-import yaml
 from test_train_fixtures import QUESTION, make_uniform_dataset
 from tolerances import TOL
 
 from vittle_fast.eval import __main__ as cli
-from vittle_fast.eval import final_alpha, gaussian_jsd, pope_scores, pope_yes_no, summarize
+from vittle_fast.eval import gaussian_jsd, pope_scores, pope_yes_no, summarize
 from vittle_fast.eval.representation import compare_hidden, cosine_distance
 from vittle_fast.eval.runner import ExportedModel, left_pad
 from vittle_fast.models import LlavaVittle, save_pretrained
@@ -40,10 +39,9 @@ def export(tmp_path_factory):
     make_uniform_dataset(data_dir, num_records=N_QUESTIONS, image_size=16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     model = tiny_model(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
+    model.bottleneck.config.alpha = 0.37  # what the trainer's export records: the last step's alpha
     save_pretrained(model, root / "export")
     tokenizer.save_pretrained(root / "export")
-    (root / "export" / "training_config.yaml").write_text(yaml.safe_dump(
-        {"max_steps": 10, "vittle": {"enabled": True, "alpha_schedule": "cosine", "alpha_end": 0.4}}))
     records = json.loads((data_dir / "train.json").read_text())
     lines = [{"question_id": i, "image": r["image"], "text": QUESTION if i % 2 else QUESTION + " Answer briefly .",
               "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
@@ -61,9 +59,9 @@ def read_answers(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_final_alpha_is_the_last_training_step_of_the_schedule(export):
-    expected = 0.4 * 0.5 * (1 - math.cos(math.pi * 9 / 10))  # cosine ramp (the paper) at step 9 of 10
-    assert final_alpha(export / "export") == pytest.approx(expected, abs=1e-12)
+def test_alpha_is_the_exported_final_training_alpha(export):
+    assert ExportedModel.load(export / "export").alpha == 0.37
+    assert ExportedModel.load(export / "export", alpha=0.1).alpha == 0.1
 
 
 def test_cli_writes_llava_answers_and_metrics(export, tmp_path):
@@ -200,8 +198,8 @@ def test_jsd_estimator_on_known_distributions():
 
 def test_trainer_validation_matches_the_eval_cli(tmp_path):
     """`eval.every` logs val_loss / val_accuracy (right-padded collator batches) equal to what the eval
-    CLI measures on the export (left-padded prompts + references) with the same weights and alpha;
-    the export carries the tokenizer."""
+    CLI measures on the export (left-padded prompts + references) with the same weights and alpha
+    (the last step's; the export records the schedule's end value); the export carries the tokenizer."""
     from test_train_fixtures import tiny_args
 
     from vittle_fast.train.metrics import read_metrics
@@ -215,8 +213,8 @@ def test_trainer_validation_matches_the_eval_cli(tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [1, 2]
     metrics = cli.main(["--model", str(tmp_path / "run" / "export"), "--questions", str(data_dir / "train.json"),
                         "--images", str(data_dir), "--out", str(tmp_path / "eval"), "--max_new_tokens", "2",
-                        "--no_progress"])
-    assert metrics["n_with_reference"] == 16 and metrics["alpha"] == records[-1]["alpha"]
+                        "--no_progress", "--alpha", str(records[-1]["alpha"])])  # the alpha validated with
+    assert metrics["n_with_reference"] == 16
     torch.testing.assert_close(torch.tensor(metrics["nll_per_token"]), torch.tensor(records[-1]["val_loss"]),
                                **TOL["fp32_sum"])
     assert metrics["teacher_forced_accuracy"] == records[-1]["val_accuracy"]

@@ -9,8 +9,8 @@ from .metrics import pope_scores, pope_yes_no, summarize
 from .perturb import KINDS, Perturbation, perturb_image, perturb_text
 from .questions import Question, load_questions
 from .representation import cosine_distance, gaussian_jsd
-from .runner import ExportedModel, evaluate, final_alpha
+from .runner import ExportedModel, evaluate
 
-__all__ = ["KINDS", "ExportedModel", "Perturbation", "Question", "cosine_distance", "evaluate", "final_alpha",
+__all__ = ["KINDS", "ExportedModel", "Perturbation", "Question", "cosine_distance", "evaluate",
            "gaussian_jsd", "load_questions", "perturb_image", "perturb_text", "pope_scores", "pope_yes_no",
            "summarize"]

@@ -37,7 +37,6 @@ from .questions import Question, key_of, load_questions
 ANSWERS_FILE = "answers.jsonl"
 METRICS_FILE = "metrics.json"
 HIDDEN_FILE = "hidden.pt"
-DEFAULT_ALPHA = 0.5  # the trainer's default vittle.alpha_end, for exports that record no alpha
 
 
 @dataclass
@@ -66,8 +65,8 @@ class ExportedModel:
                              "(it bundles the tokenizer) or pass a tokenizer directory")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         template = train_config.get("data", {}).get("template", "vicuna_v1")
-        if alpha is None:
-            alpha = final_alpha(model_dir) if model.bottleneck is not None else 0.0
+        if alpha is None:  # the export's final training alpha (VittleConfig.alpha)
+            alpha = model.bottleneck.config.alpha if model.bottleneck is not None else 0.0
         return cls(model, tokenizer, template, float(alpha), model_dir.resolve().name)
 
     @property
@@ -95,26 +94,6 @@ class ExportedModel:
 def _training_config(model_dir: Path) -> dict:
     path = model_dir / "training_config.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
-
-
-def final_alpha(model_dir: str | os.PathLike) -> float:
-    """The alpha the model was trained with at its last step: ``config.json``'s ``vittle.alpha``
-    when the export records it, else recomputed from ``training_config.yaml``'s schedule, else
-    the trainer's default ``alpha_end``."""
-    model_dir = Path(model_dir)
-    vittle = json.loads((model_dir / "config.json").read_text()).get("vittle") or {}
-    if vittle.get("alpha") is not None:
-        return float(vittle["alpha"])
-    train_config = _training_config(model_dir)
-    section = train_config.get("vittle")
-    if not section:
-        return DEFAULT_ALPHA
-    from vittle_fast.train.schedules import vittle_alpha
-
-    steps = int(train_config["max_steps"])
-    return vittle_alpha(steps - 1, steps, kind=section.get("alpha_schedule", "cosine"),
-                        end=section.get("alpha_end", DEFAULT_ALPHA), k=section.get("alpha_k", 10.0),
-                        t0=section.get("alpha_t0", 0.5))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
