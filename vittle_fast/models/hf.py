@@ -2,7 +2,8 @@
 
 Supported layouts (safetensors only -- a single ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``; pickled ``.bin`` files are refused, they can run code):
-``LlamaForCausalLM``; ``CLIPVisionModel`` / ``CLIPModel`` (vision half); llava-hf
+the causal LMs of every registered family (``families.py``: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``);
+``CLIPVisionModel`` / ``CLIPModel`` (vision half); llava-hf
 ``LlavaForConditionalGeneration`` (both the hub's and transformers >= 4.52's key names); the released
 Vittle code's ``vittle_llama`` checkpoints. The key tables below are the whole mapping (also in
 docs/models.md).
@@ -32,11 +33,12 @@ from torch import nn
 from vittle_fast.nn.bottleneck import VittleConfig
 
 from .clip import CLIPVisionTower
+from .families import build_text_model, family_of, text_config_from_dict
 from .llama import Llama
 from .llava import LlavaVittle
 
 # (checkpoint prefix, our prefix); the longest matching prefix wins. `None` = ignored on purpose.
-LLAMA_PREFIXES = {"model.": "", "lm_head.": "lm_head."}
+# A text model's mapping is its family's (families.py).
 CLIP_PREFIXES = {
     "vision_model.": "", "embeddings.": "embeddings.", "pre_layrnorm.": "pre_layrnorm.",
     "encoder.": "encoder.", "post_layernorm.": "post_layernorm.",
@@ -199,12 +201,16 @@ def _report(model, loaded, unknown, strict, optional_prefixes, path) -> None:
 # --------------------------------------------------------------------------------------------
 # Public loaders
 # --------------------------------------------------------------------------------------------
-def llama_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, device: torch.device | str = "cpu",
-                  strict: bool = True) -> Llama:
-    """Our :class:`Llama` from a local ``LlamaForCausalLM`` directory (Llama-2/3, Vicuna)."""
-    config = transformers.LlamaConfig.from_dict(_read_config(Path(path)))
-    model = _build_empty(lambda: Llama(config), dtype)
-    return load_checkpoint(model, path, LLAMA_PREFIXES, device=device, strict=strict)
+def text_model_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, device: torch.device | str = "cpu",
+                       strict: bool = True) -> Llama:
+    """Our decoder from a local causal-LM directory of a registered family (``LlamaForCausalLM``:
+    Llama-2/3, Vicuna; ``Qwen2ForCausalLM``), picked by its ``model_type``."""
+    config = text_config_from_dict(_read_config(Path(path)))
+    model = _build_empty(lambda: build_text_model(config), dtype)
+    return load_checkpoint(model, path, family_of(config).hf_prefixes, device=device, strict=strict)
+
+
+llama_from_hf = text_model_from_hf  # the name from before Qwen2: loads every registered family
 
 
 def _clip_vision_config(raw: dict):
@@ -320,9 +326,10 @@ _SAVE_PREFIXES = {
 
 
 def _hf_config(model: nn.Module) -> dict:
-    architecture = {Llama: "LlamaForCausalLM", CLIPVisionTower: "CLIPVisionModel"}.get(type(model))
-    if architecture is not None:
-        return {**model.config.to_dict(), "architectures": [architecture]}
+    if isinstance(model, Llama):
+        return {**model.config.to_dict(), "architectures": [family_of(model.config).hf_classes[0]]}
+    if isinstance(model, CLIPVisionTower):
+        return {**model.config.to_dict(), "architectures": ["CLIPVisionModel"]}
     config = transformers.LlavaConfig(
         text_config=model.language_model.config, vision_config=model.vision_tower.config,
         image_token_index=model.image_token_id, vision_feature_layer=model.vision_feature_layer,

@@ -52,7 +52,8 @@ FLASH_ATTN_VARLEN = _import_flash_attn_varlen()
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LlamaSettings:
-    """The fields of a ``transformers.LlamaConfig`` this implementation uses, validated once."""
+    """The fields of a ``transformers`` decoder config (Llama, Qwen2: see ``families.py``) this
+    implementation uses, validated once."""
 
     vocab_size: int
     hidden_size: int
@@ -63,13 +64,14 @@ class LlamaSettings:
     head_dim: int
     rms_norm_eps: float
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # bias on q, k, v and o (Llama's attention_bias)
+    qkv_bias: bool  # bias on q, k, v only (Qwen2)
     mlp_bias: bool
     rope_theta: float
     rope_scaling: dict | None
 
     @classmethod
-    def from_hf(cls, config) -> "LlamaSettings":
+    def from_hf(cls, config, *, qkv_bias: bool = False) -> "LlamaSettings":
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
@@ -92,6 +94,7 @@ class LlamaSettings:
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(config, "attention_bias", False)),
+            qkv_bias=qkv_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -282,9 +285,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=s.attention_bias)
-        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias)
+        qkv_bias = s.attention_bias or s.qkv_bias
+        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.attention_bias)
 
     def forward(self, x, cos, sin, segment_ids, kv_cache: KVCache | None):
@@ -331,10 +335,15 @@ class Llama(nn.Module):
     bottleneck).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, settings: LlamaSettings | None = None):
+        """``settings`` come from the config's model family (``families.build_text_model``); without
+        them the config must be a Llama one."""
         super().__init__()
+        if settings is None and getattr(config, "model_type", "llama") != "llama":
+            raise ValueError(f"a {config.model_type!r} config: build the decoder with "
+                             "vittle_fast.models.families.build_text_model(config)")
         self.config = config
-        self.settings = s = LlamaSettings.from_hf(config)
+        self.settings = s = settings or LlamaSettings.from_hf(config)
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(s, i) for i in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)

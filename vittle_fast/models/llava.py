@@ -22,6 +22,7 @@ from vittle_fast.nn.bottleneck import MODALITIES, VittleBottleneck, VittleConfig
 from vittle_fast.ops import fused_linear_cross_entropy
 
 from .clip import CLIPVisionTower
+from .families import build_text_model
 from .llama import Llama
 
 
@@ -173,7 +174,7 @@ class LlavaVittle(nn.Module):
         self.fused_cross_entropy = False
         self.vision_tower = CLIPVisionTower(vision_config).requires_grad_(False)
         self.projector = MultimodalProjector(vision_config.hidden_size, text_config.hidden_size)
-        self.language_model = Llama(text_config)
+        self.language_model = build_text_model(text_config)
         self.bottleneck = None if vittle is None else VittleBottleneck(text_config.hidden_size, vittle)
 
     @classmethod
