@@ -109,3 +109,36 @@ def test_registry_names_every_family_and_refuses_others():
         Llama(qwen2_config())  # would silently drop the q/k/v biases
     with pytest.raises(ValueError, match="use_sliding_window"):
         build_text_model(qwen2_config(use_sliding_window=True, sliding_window=8))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen2's ChatML, minus the default system turn
+
+
+def test_trainer_fine_tunes_llava_from_a_qwen2_directory(tmp_path):
+    """model.source=hf_parts with a Qwen2 LLM directory and its ChatML template: trains, exports, reloads."""
+    from test_train_fixtures import make_uniform_dataset, tiny_args
+
+    from vittle_fast.models import CLIPVisionTower
+    from vittle_fast.train.trainer import main
+
+    data_dir = tmp_path / "data"
+    make_uniform_dataset(data_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(data_dir / "tokenizer")
+    llm = build_text_model(qwen2_config(vocab_size=len(tokenizer), num_attention_heads=2, num_key_value_heads=1,
+                                        tie_word_embeddings=True))
+    randomize_biases(llm)
+    save_pretrained(llm, tmp_path / "qwen2")
+    save_pretrained(CLIPVisionTower(transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=8)), tmp_path / "clip")
+    main(tiny_args(data_dir, tmp_path / "run", "--max_steps", "4", "model.source=hf_parts",
+                   f"model.llm_path={tmp_path / 'qwen2'}", f"model.vision_path={tmp_path / 'clip'}",
+                   "data.template=chat_template", "checkpoint.export_safetensors=true"))
+    exported = llava_from_hf(tmp_path / "run" / "export")
+    assert family_of(exported.language_model.config).name == "qwen2" and exported.bottleneck is not None
+    assert exported.language_model.lm_head.weight is exported.language_model.embed_tokens.weight
+    assert not torch.equal(exported.language_model.layers[0].self_attn.q_proj.bias, llm.layers[0].self_attn.q_proj.bias)

@@ -66,7 +66,7 @@ class VittleState:
     image_token_id: int | None
     run_seed: int = 0
     step: int = 0
-    alpha: float = 0.0
+    alpha: float = 0.0  # apply_vittle starts at config.alpha (inference); vittle_step sets the schedule's
     micro_batch: int = 0
     noise: dict | None = None  # the current forward's alpha, noise_seed, noise_offset
     hook: BottleneckHook | None = None  # the current forward's
@@ -114,7 +114,7 @@ def apply_vittle(model: nn.Module, config: VittleConfig) -> nn.Module:
     _load_saved_bottleneck(bottleneck, getattr(model, "name_or_path", ""))
     model.vittle_bottleneck = bottleneck
     model.config.vittle = dataclasses.asdict(config)
-    model.vittle_state = state = VittleState(config, image_token_id)
+    model.vittle_state = state = VittleState(config, image_token_id, alpha=config.alpha)  # a trained model's
     model.vittle_step = functools.partial(vittle_step, model)
 
     model.register_forward_pre_hook(functools.partial(_before_forward, state), with_kwargs=True)

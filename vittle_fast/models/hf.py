@@ -23,6 +23,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 import transformers
@@ -242,14 +243,14 @@ def _released_vittle_config(raw: dict, num_layers: int) -> VittleConfig:
 
 
 def llava_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, device: torch.device | str = "cpu",
-                  vittle: VittleConfig | None = None, vision_path: str | Path | None = None,
+                  vittle: VittleConfig | None | Literal[False] = None, vision_path: str | Path | None = None,
                   image_token_id: int | None = None, strict: bool = True) -> LlavaVittle:
     """Our :class:`LlavaVittle` from a local llava-hf (``LlavaForConditionalGeneration``) directory,
     one saved by :func:`save_pretrained`, or a released Vittle checkpoint (``vittle_llama``).
 
     ``vittle``: the bottleneck to insert. None keeps what the checkpoint has (its saved/released Vittle
     settings, or no bottleneck); a ``VittleConfig`` overrides them, and the bottleneck is freshly
-    initialised when the checkpoint has none. Released checkpoints name their CLIP tower but do not
+    initialised when the checkpoint has none; ``False``: no bottleneck (a checkpoint's is not loaded). Released checkpoints name their CLIP tower but do not
     describe it: pass ``vision_path``, a local CLIP directory (its weights are used when the checkpoint
     has no vision tower). ``image_token_id`` defaults to the config's (released: -200).
     """
@@ -270,7 +271,7 @@ def llava_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, devic
                              f"({raw.get('mm_vision_tower')!r}) without describing it: pass vision_path=<local CLIP dir>")
         if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
             raise ValueError(f"mm_projector_type must be 'mlp2x_gelu', got {raw['mm_projector_type']!r}")
-        text_config = transformers.LlamaConfig.from_dict(raw)
+        text_config = transformers.LlamaConfig.from_dict({**raw, "model_type": "llama"})  # released: a Llama
         vision_config = _clip_vision_config(_read_config(Path(vision_path)))
         feature_layer, token_id = raw.get("mm_vision_select_layer", -2), RELEASED_IMAGE_TOKEN_ID
         prefixes = RELEASED_VITTLE_PREFIXES
@@ -282,7 +283,9 @@ def llava_from_hf(path: str | Path, dtype: torch.dtype = torch.float32, *, devic
         raise ValueError(f"{str(path)!r}: model_type must be 'llava', 'vittle_llama' or 'llava_llama', "
                          f"got {raw.get('model_type')!r}")
 
-    vittle = vittle if vittle is not None else checkpoint_vittle
+    vittle = None if vittle is False else (vittle if vittle is not None else checkpoint_vittle)
+    if vittle is None and prefixes is LLAVA_PREFIXES:  # a checkpoint's bottleneck, if any, is skipped
+        prefixes = {**prefixes, "bottleneck.": None, "vittle_bottleneck.": None}
     token_id = token_id if image_token_id is None else image_token_id
     model = _build_empty(lambda: LlavaVittle(text_config, vision_config, token_id, vittle, feature_layer), dtype)
     if prefixes is RELEASED_VITTLE_PREFIXES:

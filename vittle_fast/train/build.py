@@ -12,7 +12,7 @@ import transformers
 
 from vittle_fast.data import LengthGroupedSampler, LlavaCollator, LlavaDataset
 from vittle_fast.data.demo import make_demo_dataset
-from vittle_fast.models import LlavaVittle, clip_from_hf, llama_from_hf, llava_from_hf
+from vittle_fast.models import LlavaVittle, clip_from_hf, llava_from_hf, text_model_from_hf
 from vittle_fast.nn import VittleConfig
 
 from .config import ConfigError, TrainConfig, apply_overrides
@@ -126,12 +126,13 @@ def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> Llava
         )
     elif m.source == "hf_llava":
         depth = _decoder_depth(Path(m.path))
-        model = llava_from_hf(m.path, vittle=vittle_config(cfg, depth), vision_path=m.vision_path or None,
+        # baseline (vittle.enabled=false): False = no bottleneck, even if the checkpoint has one
+        model = llava_from_hf(m.path, vittle=vittle_config(cfg, depth) or False, vision_path=m.vision_path or None,
                               image_token_id=image_token_id)
-        if not cfg.vittle.enabled:
-            model.bottleneck = None  # baseline: a checkpoint's own bottleneck is dropped, not trained
-    else:
-        model = _llava_from_parts(cfg, image_token_id)
+    else:  # hf_parts: pretrained LLM (any registered family) + CLIP, fresh projector: LLaVA stage 1's start
+        llm, vision = text_model_from_hf(m.llm_path), clip_from_hf(m.vision_path)
+        model = LlavaVittle.from_parts(llm, vision, image_token_id, vittle_config(cfg, llm.config.num_hidden_layers),
+                                       m.vision_feature_layer)
     set_trainable(model, m.stage)
     return model
 
@@ -139,26 +140,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, image_token_id: int) -> Llava
 def _decoder_depth(path: Path) -> int:
     raw = json.loads((path / "config.json").read_text())
     return raw.get("text_config", raw)["num_hidden_layers"]
-
-
-def _llava_from_parts(cfg: TrainConfig, image_token_id: int) -> LlavaVittle:
-    """Pretrained Llama + pretrained CLIP + a fresh projector (and bottleneck): LLaVA stage 1's start.
-    The shell is built on the meta device so no random decoder is materialised and thrown away."""
-    m = cfg.model
-    llm, vision = llama_from_hf(m.llm_path), clip_from_hf(m.vision_path)
-    with torch.device("meta"):
-        model = LlavaVittle(llm.config, vision.config, image_token_id,
-                            vittle=vittle_config(cfg, llm.config.num_hidden_layers),
-                            vision_feature_layer=m.vision_feature_layer)
-    model.language_model, model.vision_tower = llm, vision
-    for fresh in (model.projector, model.bottleneck):
-        if fresh is not None:
-            fresh.to_empty(device="cpu")
-            for linear in (sub for sub in fresh.modules() if isinstance(sub, torch.nn.Linear)):
-                linear.reset_parameters()
-            for prior in fresh.parameters(recurse=False):  # learnable priors start at N(0, I)
-                torch.nn.init.zeros_(prior)
-    return model
 
 
 def set_trainable(model: torch.nn.Module, stage: int) -> None:

@@ -122,6 +122,7 @@ def export_pretrained(model: torch.nn.Module, directory: Path, train_config: dic
                             vittle=None if model.bottleneck is None else model.bottleneck.config,
                             vision_feature_layer=model.vision_feature_layer)
     plain.load_state_dict(full, assign=True)
+    plain.language_model.tie_weights()  # assign=True gave lm_head its own tensor; tied families share one
     save_pretrained(plain, directory)
     with open(directory / "training_config.yaml", "w") as f:
         yaml.safe_dump(train_config, f, sort_keys=False)
