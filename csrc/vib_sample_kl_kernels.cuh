@@ -8,26 +8,21 @@
 // unaligned pointers) take the scalar path: one element per step, one Philox call per element.
 //
 // Forward: per-token KL reduced in the block (warp shuffles, then the row's warps in order).
-// Backward: grid (row chunks, column tiles); each thread keeps its columns fixed over the chunk's
-// rows, so the learnable prior's gradient accumulates in registers; each chunk writes one partial
-// row and a second kernel adds the partials in chunk order (deterministic, no float atomics).
+// Backward: grid (row chunks, column tiles; grid.y capped at 65,535, blocks loop over the tiles:
+// vib_sample_kl_grid.h); each thread keeps its columns fixed over the chunk's rows, so the learnable
+// prior's gradient accumulates in registers; each chunk writes one partial row and a second kernel
+// adds the partials in chunk order (deterministic, no float atomics).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "vib_sample_kl_grid.h"
 #include "vib_sample_kl_math.h"
 
 namespace vittle_fast {
 namespace cuda {
-
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-constexpr int kMinThreadsPerRow = kWarp;
-// Rows per backward chunk (one prior-gradient partial each); a constant, so results depend on N only.
-constexpr int64_t kChunkRows = 32;
-constexpr int kReduceThreads = 256;
 
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 128-bit access
@@ -171,16 +166,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardPointers<T> p,
   }
 }
 
+// One column tile of the backward kernel (threads_per_row * E columns) over the block's row chunk.
 template <typename T, int E>
-__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardPointers<T> p, KernelArgs args) {
-  const KernelArgs a = with_device_scalars(args);
-  __shared__ float slot_partials[2][kThreads * E];  // cross-slot prior sums (several rows per block)
+__device__ __forceinline__ void backward_column_tile(const BackwardPointers<T>& p, const KernelArgs& a, int64_t tile,
+                                                     float (&slot_partials)[2][kThreads * E]) {
   const int tpr = a.threads_per_row;
   const int rows_per_block = kThreads / tpr;
   const int slot = threadIdx.x / tpr;
   const int lane = threadIdx.x % tpr;
   const int64_t d = a.dim;
-  const int64_t j = (static_cast<int64_t>(blockIdx.y) * tpr + lane) * E;
+  const int64_t j = (tile * tpr + lane) * E;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * kChunkRows;
   const int64_t row_end = min(a.n_tokens, row_begin + kChunkRows);
   const bool learnable = p.prior_mu != nullptr;
@@ -232,6 +227,18 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardPointers<T> 
   }
 }
 
+// Block (x, y) covers row chunk x and column tiles y, y + gridDim.y, ... (vib_sample_kl_grid.h).
+template <typename T, int E>
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardPointers<T> p, KernelArgs args) {
+  const KernelArgs a = with_device_scalars(args);
+  __shared__ float slot_partials[2][kThreads * E];  // cross-slot prior sums (several rows per block)
+  const int64_t n_tiles = column_tiles(a.dim, a.threads_per_row, E);
+  for (int64_t tile = blockIdx.y; tile < n_tiles; tile += gridDim.y) {
+    backward_column_tile<T, E>(p, a, tile, slot_partials);
+    if (p.prior_mu != nullptr) __syncthreads();  // the next tile rewrites slot_partials
+  }
+}
+
 // Second pass: out[c] = sum over chunks (in chunk order) of partials[chunk, c], c in [0, 2D).
 __global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(const float* partials, int64_t n_chunks,
                                                                          int64_t dim, float* grad_prior_mu,
@@ -250,17 +257,7 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(const f
 // ------------------------------------------------------------------------------------------------
 // Host-side launchers (raw pointers; the caller owns allocation and the stream)
 // ------------------------------------------------------------------------------------------------
-inline int64_t backward_chunks(int64_t n_tokens) { return (n_tokens + kChunkRows - 1) / kChunkRows; }
-
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-// Threads per row: enough for one pass over D in E-element groups, a power of two in [32, kThreads].
-inline int threads_per_row(int64_t dim, int elems_per_thread) {
-  const int64_t groups = (dim + elems_per_thread - 1) / elems_per_thread;
-  int tpr = kMinThreadsPerRow;
-  while (tpr < kThreads && tpr < groups) tpr *= 2;
-  return tpr;
-}
 
 template <typename T>
 bool use_vector_path(int64_t dim, std::initializer_list<const void*> pointers) {
@@ -274,8 +271,7 @@ bool use_vector_path(int64_t dim, std::initializer_list<const void*> pointers) {
 template <typename T, int E>
 void launch_forward_variant(const ForwardPointers<T>& p, KernelArgs a, cudaStream_t stream) {
   a.threads_per_row = threads_per_row(a.dim, E);
-  const int64_t rows_per_block = kThreads / a.threads_per_row;
-  const dim3 grid(static_cast<unsigned>((a.n_tokens + rows_per_block - 1) / rows_per_block));
+  const dim3 grid(static_cast<unsigned>(forward_blocks(a.n_tokens, a.threads_per_row)));
   forward_kernel<T, E><<<grid, kThreads, 0, stream>>>(p, a);
 }
 
@@ -292,9 +288,8 @@ void launch_forward(const ForwardPointers<T>& p, const KernelArgs& a, cudaStream
 template <typename T, int E>
 void launch_backward_variant(const BackwardPointers<T>& p, KernelArgs a, cudaStream_t stream) {
   a.threads_per_row = threads_per_row(a.dim, E);
-  const int64_t tile_cols = static_cast<int64_t>(a.threads_per_row) * E;
-  const dim3 grid(static_cast<unsigned>(backward_chunks(a.n_tokens)),
-                  static_cast<unsigned>((a.dim + tile_cols - 1) / tile_cols));
+  const BackwardGrid g = backward_grid(a.n_tokens, a.dim, a.threads_per_row, E);
+  const dim3 grid(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
   backward_kernel<T, E><<<grid, kThreads, 0, stream>>>(p, a);
 }
 

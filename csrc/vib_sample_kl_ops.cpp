@@ -4,12 +4,14 @@
 // The Python layer registers vittle_fast::vib_sample_kl{,_backward} with torch.library.custom_op in
 // the same namespace, so this file only ever adds a FRAGMENT to it.
 #include "vib_sample_kl.h"
+#include "vib_sample_kl_grid.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 namespace vittle_fast {
 namespace {
@@ -122,6 +124,20 @@ at::Tensor philox_uint32(int64_t seed, const at::Tensor& counters) {
   return out;
 }
 
+// The CUDA kernels' launch geometry for an [n_tokens, dim] call with E elements per thread (1, or
+// 16 bytes / element size on the vector path), computed by the same host code the CUDA launchers
+// use: [threads_per_row, forward grid.x, backward grid.x, backward grid.y, backward column tiles].
+// Lets tests check the grid limits without a GPU.
+std::vector<int64_t> cuda_launch_geometry(int64_t n_tokens, int64_t dim, int64_t elems_per_thread) {
+  TORCH_CHECK(n_tokens >= 0 && dim >= 1 && (elems_per_thread == 1 || elems_per_thread == 4 ||
+                                            elems_per_thread == 8),
+              "expected n_tokens >= 0, dim >= 1, elems_per_thread in {1, 4, 8}");
+  const int elems = static_cast<int>(elems_per_thread);
+  const int tpr = cuda::threads_per_row(dim, elems);
+  const cuda::BackwardGrid grid = cuda::backward_grid(n_tokens, dim, tpr, elems);
+  return {tpr, cuda::forward_blocks(n_tokens, tpr), grid.x, grid.y, cuda::column_tiles(dim, tpr, elems)};
+}
+
 // Shape-only implementations so torch.compile / FakeTensor can trace the ops.
 ForwardResult fused_sample_kl_fwd_meta(const at::Tensor& h, const at::Tensor& stats, double, int64_t, int64_t,
                                        const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
@@ -152,6 +168,7 @@ TORCH_LIBRARY_FRAGMENT(vittle_fast, m) {
       "float clamp_hi, float kl_logvar_coef, bool sample) "
       "-> (Tensor grad_h, Tensor grad_stats, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
   m.def("philox_uint32(int seed, Tensor counters) -> Tensor");
+  m.def("cuda_launch_geometry(int n_tokens, int dim, int elems_per_thread) -> int[]", &cuda_launch_geometry);
 }
 
 TORCH_LIBRARY_IMPL(vittle_fast, CPU, m) {

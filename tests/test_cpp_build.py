@@ -96,6 +96,25 @@ def test_cuda_extension_builds_links_and_loads():
     assert "OK: CUDA extension built, linked and loaded" in result.stdout
 
 
+CUDA_MAX_GRID_X, CUDA_MAX_GRID_Y = 2**31 - 1, 65535
+
+
+@needs_cpp
+@pytest.mark.parametrize("elems_per_thread", [1, 4, 8])
+@pytest.mark.parametrize("dim", [1, 7, 4096, 65535 * 256, 65535 * 256 + 1, 2**31 + 3, 2**40])
+def test_cuda_launch_grid_covers_any_dim_within_limits(dim, elems_per_thread):
+    """The CUDA launchers' grid (host code shared with this build): the backward's column tiles
+    go on grid.y, capped at 65,535 with blocks looping over tiles y, y + grid.y, ..., so every
+    column is covered for any D (D > 65,535 * 256 on the scalar path used to exceed the limit)."""
+    n_tokens = 1000
+    tpr, fwd_blocks, bwd_x, bwd_y, tiles = torch.ops.vittle_fast.cuda_launch_geometry(n_tokens, dim, elems_per_thread)
+    assert tpr in (32, 64, 128, 256)
+    assert fwd_blocks * (256 // tpr) >= n_tokens and fwd_blocks <= CUDA_MAX_GRID_X
+    assert bwd_x * 32 >= n_tokens and bwd_x <= CUDA_MAX_GRID_X
+    assert tiles * tpr * elems_per_thread >= dim > (tiles - 1) * tpr * elems_per_thread  # tiles cover D
+    assert 1 <= bwd_y <= CUDA_MAX_GRID_Y and bwd_y == min(tiles, CUDA_MAX_GRID_Y)  # each tile has a block y
+
+
 # ------------------------------------------------------------------------------------------------
 # Cross-backend agreement (C++ vs Triton interpreter)
 # ------------------------------------------------------------------------------------------------
