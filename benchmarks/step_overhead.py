@@ -1,16 +1,18 @@
 """Per-step cost of Vittle over plain LLaVA training, on CPU, three modes in one run.
 
     baseline   LLaVA, no bottleneck
-    released   Vittle as the released code computes it: after decoder layer l the hidden state is
-               split by position (slices), each part goes through its MLP and eager PyTorch ops,
-               the noise is drawn on the CPU and copied to the device, the parts are concatenated
-               back (torch.cat), and the KL values are read on the host for logging (.item())
+    released   Vittle as the released code (vittle_llama.py) computes it, op for op: after decoder
+               layer l, per modality, the MLP on a positional slice of the hidden state, the
+               log-variance clamped in place through ``.data.clamp_`` (straight-through), noise drawn
+               by ``torch.randn`` on the host and copied to the device, ``.mean(0)`` over one sample,
+               interpolation, ``torch.cat`` of the whole sequence; after the forward, the KLs with
+               boolean-mask indexing of the text tokens and the ``kl > 10000`` check (host syncs)
     fused      Vittle with vittle_fast's bottleneck (exact modality rows, one fused op per
                modality: in-op Philox noise, interpolation and KL, no host sync)
 
 Every mode trains the same tiny model (same init, same batch, the same MLP rows: the released split
-puts prompt + image rows in its "visual" MLP, ours only the image rows, and both MLPs together see
-every token) with AdamW. Steps are run in rounds, one step of every mode per round, the order rotating
+puts the system prompt and all image tokens but the last in its "visual" MLP, ours only the image rows,
+and both MLPs together see every token) with AdamW. Steps are run in rounds, one step of every mode per round, the order rotating
 each round, so machine noise hits all modes alike. The overhead of a mode is the median over rounds of
 its step time divided by the baseline's step time *of the same round* (paired ratios cancel slow drifts
 of a shared machine); the spread is the interquartile range of those ratios. The bottleneck's share of
@@ -19,7 +21,8 @@ the FLOPs (torch.utils.flop_counter) is printed as the floor any implementation 
     python -m benchmarks.step_overhead [--steps 60] [--hidden 256] [--json out.json]
 
 On a CPU the "released" costs that matter most on a GPU (the host->device copy of the noise, the
-host syncs) are nearly free, so the CPU ratios understate the GPU gap; see docs/training.md.
+host syncs that stop the host from running ahead of the device) are nearly free, so the CPU ratios
+understate the GPU gap; ``python -m benchmarks.predict`` models them (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -41,11 +44,54 @@ from vittle_fast.ops.vib_sample_kl import resolve_backend
 IMAGE_TOKEN_ID = 3
 
 
-class ReleasedVittleLayer(nn.Module):
-    """Decoder layer l followed by the released-code bottleneck (positional modality split)."""
+class Host:
+    """What the released code does on the host. ``noise``: ``torch.randn`` on the CPU (one thread
+    under the usual launchers), then ``.cuda()`` (a host->device copy from pageable memory; here
+    ``.to(device, copy=True)``, so a CPU "device" pays the memcpy too). ``exceeds``: ``if kl > 10000``
+    reads a device value on the host (a sync)."""
 
-    def __init__(self, layer: nn.Module, hidden_size: int, num_visual_positions: int, beta: float = 0.1,
-                 clamp: float = 2.3025):
+    def noise(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype).to(device, copy=True)
+
+    def exceeds(self, value: torch.Tensor, limit: float) -> bool:
+        return bool(value > limit)
+
+
+def released_bottleneck(h: torch.Tensor, mlp: nn.Module, rows: slice, alpha: float, host: Host):
+    """One modality of the released bottleneck (vittle_llama.py, training branch), op for op:
+    MLP on the positional slice, chunk, ``.data.clamp_`` (in place, outside autograd: the gradient
+    passes straight through), std, noise (n_samples = 1 drawn on the host, copied, ``.mean(0)``),
+    interpolation, and ``torch.cat`` of the whole sequence. Returns (new h, mu, logvar)."""
+    part = h[:, rows]
+    mu, logvar = torch.chunk(mlp(part), 2, dim=2)
+    logvar.data.clamp_(min=-2.3025, max=2.3025)
+    std = (logvar / 2).exp()
+    eps = host.noise((1, *mu.shape), h.dtype, h.device).mean(0)
+    mixed = (1.0 - alpha) * part + alpha * (mu + std * eps)
+    if rows.start in (0, None):
+        return torch.cat((mixed, h[:, rows.stop:]), dim=1), mu, logvar
+    return torch.cat((h[:, :rows.start], mixed), dim=1), mu, logvar
+
+
+def released_kl(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor | None, host: Host) -> torch.Tensor:
+    """The released ``vib_kld_loss`` (fixed prior): boolean-mask indexing of the selected tokens (a
+    nonzero, i.e. a host sync, on a GPU), the halved-log-variance KL mean, the explosion check."""
+    if mask is not None:
+        mu, logvar = mu[mask.bool()], logvar[mask.bool()]
+    kl = -0.5 * (1 + logvar / 2 - mu.pow(2) - logvar.exp()).mean()
+    if host.exceeds(kl, 10000):
+        return torch.clamp(kl, max=10000.0)
+    return kl
+
+
+class ReleasedVittleLayer(nn.Module):
+    """Decoder layer l followed by the released code's bottleneck: visual then text, each on its
+    positional slice (the first ``num_visual_positions`` positions are "visual"; in the released code
+    that is sequence length - text length = image tokens - 1, so the system prompt counts as visual
+    and the last image token as text). The KLs are computed after the forward (``kl_loss``), as the
+    released code does after the LM head."""
+
+    def __init__(self, layer: nn.Module, hidden_size: int, num_visual_positions: int, beta: float = 0.1):
         super().__init__()
         self.layer = layer
         self.mlp_v, self.mlp_t = (
@@ -53,26 +99,27 @@ class ReleasedVittleLayer(nn.Module):
             for _ in range(2)
         )
         self.num_visual_positions = num_visual_positions
-        self.beta, self.clamp = beta, clamp
+        self.beta = beta
         self.alpha = 0.0
-        self.kl_loss = None
-
-    def _bottleneck(self, h: torch.Tensor, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = mlp(h).chunk(2, dim=-1)
-        logvar = logvar.clamp(-self.clamp, self.clamp)
-        eps = torch.randn(mu.shape, dtype=mu.dtype).to(mu.device)  # drawn on the CPU, copied over
-        z = mu + torch.exp(0.5 * logvar) * eps
-        kl = 0.5 * (-1 - logvar + logvar.exp() + mu.pow(2))
-        return (1 - self.alpha) * h + self.alpha * z, kl.mean()
+        self.host = Host()
+        self.stats = None
 
     def forward(self, x, *args, **kwargs):
         h = self.layer(x, *args, **kwargs)
         split = self.num_visual_positions
-        z_v, kl_v = self._bottleneck(h[:, :split], self.mlp_v)
-        z_t, kl_t = self._bottleneck(h[:, split:], self.mlp_t)
-        self.kl_loss = self.beta * (kl_v + kl_t)
-        self.logged = (kl_v.item(), kl_t.item())  # the released trainer logs both every step
-        return torch.cat([z_v, z_t], dim=1)
+        h, mu_v, logvar_v = released_bottleneck(h, self.mlp_v, slice(0, split), self.alpha, self.host)
+        h, mu_t, logvar_t = released_bottleneck(h, self.mlp_t, slice(split, h.shape[1]), self.alpha, self.host)
+        self.stats = (mu_v, logvar_v, mu_t, logvar_t)
+        return h
+
+    def kl_loss(self, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """beta * (KL_v + KL_t); the text KL over the prompt tokens of the text slice
+        (``(labels == IGNORE_INDEX) & attention_mask``), as the released trainer selects them."""
+        mu_v, logvar_v, mu_t, logvar_t = self.stats
+        response_masking = ((labels == -100) & attention_mask.bool()).int()[:, self.num_visual_positions:]
+        kl_v = released_kl(mu_v, logvar_v, None, self.host)
+        kl_t = released_kl(mu_t, logvar_t, response_masking, self.host)
+        return self.beta * kl_v + self.beta * kl_t
 
 
 def build(mode: str, args) -> LlavaVittle:
@@ -89,7 +136,7 @@ def build(mode: str, args) -> LlavaVittle:
     model.validate_inputs = False
     if mode == "released":
         model.language_model.layers[layer] = ReleasedVittleLayer(model.language_model.layers[layer], args.hidden,
-                                                                 args.prefix + model.num_image_tokens)
+                                                                 model.num_image_tokens - 1)
     return model
 
 
@@ -108,14 +155,15 @@ def make_batch(args, num_image_tokens: int) -> dict[str, torch.Tensor]:
 
 
 def loss_of(mode: str, model: LlavaVittle, batch, alpha: float) -> torch.Tensor:
+    released = next((m for m in model.language_model.layers if isinstance(m, ReleasedVittleLayer)), None)
+    if released is not None:
+        released.alpha = alpha
     out = model(**batch, vittle_alpha=alpha, noise_seed=1234)
     loss = out.ce_sum / out.n_targets
     if mode == "fused":
         loss = loss + out.vittle_loss
     elif mode == "released":
-        released = next(m for m in model.language_model.layers if isinstance(m, ReleasedVittleLayer))
-        released.alpha = alpha
-        loss = loss + released.kl_loss
+        loss = loss + released.kl_loss(batch["labels"], batch["attention_mask"])
     return loss
 
 
