@@ -325,6 +325,9 @@ def test_collator_right_pads_with_modality_ids():
     assert batch["attention_mask"].dtype == torch.bool
     torch.testing.assert_close(batch["pixel_values"], SAMPLE_A.pixel_values, rtol=0, atol=0)
     assert batch["n_skipped"].tolist() == [int(k == "too_long") for k in SKIP_KINDS]
+    # attention layout: row 0 (5 tokens), row 1 (3 tokens + a padding run of 2)
+    assert batch["cu_seqlens"].tolist() == [0, 5, 8, 10] and batch["cu_seqlens"].dtype == torch.int32
+    assert batch["max_seqlen"] == 5 and type(batch["max_seqlen"]) is int
 
 
 def test_collator_packs_with_restarting_positions():
@@ -344,6 +347,8 @@ def test_collator_packs_with_restarting_positions():
     assert padded["input_ids"].tolist() == [[1, 9, 9, 5, 6, 1, 7, 8, 1, 3, 0, 0]]
     assert padded["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
     assert padded["attention_mask"].tolist() == [[True] * 10 + [False] * 2]
+    assert batch["cu_seqlens"].tolist() == [0, 5, 8, 12] and batch["max_seqlen"] == 5
+    assert padded["cu_seqlens"].tolist() == [0, 5, 8, 10, 12] and padded["max_seqlen"] == 5
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -352,6 +357,7 @@ def test_collator_all_skipped_gives_empty_batch(pack):
     batch = collate([Skipped(0, "malformed", ""), Skipped(1, "missing_image", "")])
     assert batch["input_ids"].shape == (0, 0) and batch["pixel_values"].shape == (0, 3, 2, 2)
     assert batch["n_skipped"].sum() == 2
+    assert batch["cu_seqlens"].tolist() == [0] and batch["max_seqlen"] == 0
 
 
 def test_collator_validates_arguments():

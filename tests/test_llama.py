@@ -3,15 +3,18 @@ import pytest
 import torch
 import transformers
 from tolerances import TOL
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import vittle_fast.models.llama as llama_module
+from vittle_fast.data.collate import varlen_metadata
 from vittle_fast.models import Llama, llama_from_hf
 from vittle_fast.models.llama import (
-    _flash_varlen_attention,
-    causal_attention,
     rms_norm_torch,
     rope_inverse_frequencies,
     segment_ids_from,
+    segment_ids_from_varlen,
     select_rms_norm_kernel,
+    varlen_from_segment_ids,
 )
 
 VOCAB = 64
@@ -79,29 +82,104 @@ def test_packed_sequences_equal_separate_runs():
             torch.testing.assert_close(logits, model(sequence), **TOL["float32"])
 
 
-def test_flash_varlen_plumbing_matches_sdpa_mask():
-    """The flash-attn path's unpad/cu_seqlens/scatter logic, with SDPA standing in for the kernel."""
-    calls = []
+def varlen_standin(calls=None):
+    """A stand-in for ``flash_attn_varlen_func`` on the CPU: SDPA over the flat tokens with the block
+    mask of ``cu_seqlens``. With ``calls`` (a list) it checks the argument layout flash-attn expects
+    and records each call (which reads the metadata on the host: not for the sync count)."""
+    def standin(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
+        assert q.ndim == k.ndim == 3 and q.shape[0] == k.shape[0]  # flat [tokens, heads, head_dim]
+        assert cu_q.dtype == torch.int32 and cu_q is cu_k and causal and type(max_q) is int and max_q == max_k
+        if calls is not None:
+            assert q.shape[0] == int(cu_q[-1]) and max_q == int(cu_q.diff().max())
+            calls.append((cu_q.tolist(), max_q))
+        segments = segment_ids_from_varlen(cu_q, (1, q.shape[0]))
+        mask = segments[0, :, None] == segments[0, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask.tril(), scale=softmax_scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+    return standin
 
-    def varlen_standin(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
-        calls.append(cu_q.tolist())
-        out = torch.empty_like(q)
-        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            segment = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
-            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-                *segment, is_causal=causal, scale=softmax_scale, enable_gqa=True)[0].transpose(0, 1)
-        return out
 
-    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+def test_varlen_derivation_from_position_ids():
+    """Callers without metadata: segments from position_ids/attention_mask; padding runs are segments."""
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
     attention_mask = torch.ones(2, 9, dtype=torch.bool)
     attention_mask[1, 6:] = False
-    segments = segment_ids_from(position_ids, attention_mask, (2, 9), q.device)
-    got = _flash_varlen_attention(q, k, v, segments, 8 ** -0.5, varlen_standin)
-    expected = causal_attention(q, k, v, segments, flash_varlen=None)
-    assert calls == [[0, 3, 7, 9, 15]]
-    valid = attention_mask
-    torch.testing.assert_close(got[valid], expected[valid], **TOL["float32"])
+    segments = segment_ids_from(position_ids, attention_mask, (2, 9), torch.device("cpu"))
+    cu_seqlens, max_seqlen = varlen_from_segment_ids(segments, (2, 9), torch.device("cpu"))
+    assert cu_seqlens.tolist() == [0, 3, 7, 9, 15, 18] and cu_seqlens.dtype == torch.int32 and max_seqlen == 6
+    assert varlen_from_segment_ids(None, (2, 9), torch.device("cpu"))[0].tolist() == [0, 9, 18]
+    assert segment_ids_from_varlen(cu_seqlens, (2, 9)).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2],
+                                                                    [3, 3, 3, 3, 3, 3, 4, 4, 4]]
+
+
+def packed_batch():
+    """Row 0 packs sequences of 5 and 3 tokens + 2 padding; row 1 holds 6 tokens + 4 padding."""
+    lengths = [[5, 3], [6]]
+    sequences = [torch.randint(0, VOCAB, (1, n)) for row in lengths for n in row]
+    input_ids = torch.zeros(2, 10, dtype=torch.int64)
+    input_ids[0, :8] = torch.cat(sequences[:2], dim=1)
+    input_ids[1, :6] = sequences[2]
+    attention_mask = input_ids.new_zeros(2, 10, dtype=torch.bool)
+    attention_mask[0, :8] = attention_mask[1, :6] = True
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4], list(range(10))])
+    cu_seqlens, max_seqlen = varlen_metadata(lengths, 10)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return batch, sequences, [(0, 0, 5), (0, 5, 8), (1, 0, 6)]
+
+
+@pytest.mark.parametrize("path", ["sdpa", "flash_varlen"])
+def test_packed_metadata_path_equals_separate_sequences(monkeypatch, path):
+    torch.manual_seed(0)
+    model = Llama(tiny_config()).eval()
+    calls = []
+    if path == "flash_varlen":
+        monkeypatch.setattr(llama_module, "select_flash_varlen", lambda device: varlen_standin(calls))
+    batch, sequences, spans = packed_batch()
+    with torch.no_grad():
+        logits = model(**batch)
+        derived = model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")})
+        for sequence, (row, start, end) in zip(sequences, spans):
+            alone = model(sequence)[0]
+            torch.testing.assert_close(logits[row, start:end], alone, **TOL["float32"])
+            torch.testing.assert_close(derived[row, start:end], alone, **TOL["float32"])
+    if path == "flash_varlen":  # the collator's metadata reaches the kernel as is, in every layer
+        assert calls[:2] == [([0, 5, 8, 10, 16, 20], 6)] * 2
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that read a device value on the host (or need its size): the syncs."""
+
+    SYNCS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::unique_consecutive", "aten::unique_dim",
+             "aten::masked_select", "aten::item"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCS:
+            self.syncs.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["sdpa", "flash_varlen"])
+def test_packed_forward_runs_no_host_sync(monkeypatch, path):
+    """Forward + backward of a packed micro-batch with the collator's metadata: no nonzero, no
+    scalar reads. Without metadata the flash-attn path derives it once per forward, not per layer."""
+    if path == "flash_varlen":
+        monkeypatch.setattr(llama_module, "select_flash_varlen", lambda device: varlen_standin())
+    model = Llama(tiny_config(num_hidden_layers=3))
+    batch, _, _ = packed_batch()
+    with SyncCounter() as counter:
+        model(**batch).sum().backward()
+    assert counter.syncs == []
+    if path == "flash_varlen":
+        with SyncCounter() as counter:
+            model(**{k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")})
+        assert counter.syncs == ["aten::nonzero", "aten::_local_scalar_dense"]  # once for 3 layers
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

@@ -204,6 +204,25 @@ def test_alpha_defaults_to_the_configs_trained_value(tmp_path):
         VittleConfig(layer_v=0, layer_t=0, alpha=1.5)
 
 
+def test_packed_training_forward_runs_no_host_sync(monkeypatch):
+    """The trainer's forward + backward (validate_inputs off, the collator's attention metadata) on the
+    flash-attn varlen path (a CPU stand-in kernel): no nonzero, no scalar read anywhere in the model."""
+    import vittle_fast.models.llama as llama_module
+    from test_llama import SyncCounter, varlen_standin
+
+    from vittle_fast.data.collate import varlen_metadata
+
+    monkeypatch.setattr(llama_module, "select_flash_varlen", lambda device: varlen_standin())
+    model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN, VittleConfig(layer_v=0, layer_t=2)).train()
+    model.validate_inputs = False
+    batch = make_batch()
+    cu_seqlens, max_seqlen = varlen_metadata([[12], [14]], 14)
+    with SyncCounter() as counter:
+        out = model(**batch, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, vittle_alpha=ALPHA, noise_seed=SEED)
+        (out.ce_sum + out.vittle_loss).backward()
+    assert counter.syncs == []
+
+
 def test_image_token_count_mismatch_raises():
     model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN)
     batch = make_batch()

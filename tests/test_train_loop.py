@@ -15,6 +15,7 @@ import vittle_fast.train.checkpoint as checkpoint_module
 import vittle_fast.train.trainer as trainer_module
 from test_train_fixtures import make_uniform_dataset, tiny_args, torchrun
 from tolerances import TOL
+from vittle_fast.data.collate import varlen_metadata
 from vittle_fast.train.config import parse_args
 from vittle_fast.train.metrics import read_metrics
 from vittle_fast.train.trainer import count_targets, main
@@ -101,7 +102,12 @@ def test_accumulation_equals_one_big_micro_batch(data_dir, tmp_path):
     try:
         data = build_data(cfg, 0, 1)
         both = data.next_batch(torch.device("cpu"))
-        halves = [{k: v if k == "n_skipped" else v[i:i + 1] for k, v in both.items()} for i in range(2)]
+        halves = []
+        for i in range(2):
+            half = {k: v[i:i + 1] for k, v in both.items() if isinstance(v, torch.Tensor) and v.ndim == 2}
+            half["cu_seqlens"], half["max_seqlen"] = varlen_metadata([[int(half["attention_mask"].sum())]],
+                                                                     half["input_ids"].shape[1])
+            halves.append({**half, "pixel_values": both["pixel_values"][i:i + 1], "n_skipped": both["n_skipped"]})
         results = []
         for micro_batches in ([both], halves):
             torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +15,10 @@ PAD, TEXT, VISUAL = 0, 1, 2  # modality ids
 
 
 class LlavaCollator:
-    """Build ``input_ids, labels, attention_mask, position_ids, pixel_values, modality_ids`` and
-    ``n_skipped`` (int64 ``[len(SKIP_KINDS)]``, skipped records per kind in ``SKIP_KINDS`` order).
+    """Build ``input_ids, labels, attention_mask, position_ids, pixel_values, modality_ids``,
+    ``n_skipped`` (int64 ``[len(SKIP_KINDS)]``, skipped records per kind in ``SKIP_KINDS`` order) and
+    the attention layout ``cu_seqlens`` (int32) / ``max_seqlen`` (int) of :func:`varlen_metadata`, so
+    the model's attention needs no host sync to find the sequence boundaries.
 
     ``pack=False``: one right-padded row per sample. ``pack=True``: all samples concatenated into
     one row whose ``position_ids`` restart at 0 at each sample (the model must keep attention
@@ -74,6 +77,7 @@ class LlavaCollator:
             last = positions[-1]
             positions.append(torch.arange(len(last), len(last) + width - lengths[r]))
             position_ids[r] = torch.cat(positions)
+        cu_seqlens, max_seqlen = varlen_metadata([[len(s.input_ids) for s in row] for row in rows], width)
         modality_ids = torch.where(input_ids == self.image_token_id, VISUAL, TEXT)
         modality_ids = torch.where(attention_mask, modality_ids, PAD).to(torch.int8)
         pixel_values = torch.cat([s.pixel_values for s in samples]) if samples else \
@@ -86,4 +90,20 @@ class LlavaCollator:
             "pixel_values": pixel_values,
             "modality_ids": modality_ids,
             "n_skipped": n_skipped,
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": max_seqlen,
         }
+
+
+def varlen_metadata(row_lengths: list[list[int]], width: int) -> tuple[torch.Tensor, int]:
+    """flash-attn varlen metadata (``vittle_fast.models.llama.Varlen``) of rows of ``width`` tokens
+    holding sequences of ``row_lengths`` each, then padding: every sequence and every row's padding
+    run is a segment of the flattened batch. Returns (``cu_seqlens`` int32 [segments + 1], the
+    longest segment)."""
+    segments = []
+    for lengths in row_lengths:
+        segments += lengths
+        if width > sum(lengths):
+            segments.append(width - sum(lengths))
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32)
+    return cu_seqlens, max(segments, default=0)

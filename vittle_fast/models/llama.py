@@ -6,7 +6,9 @@ HF's rotate-half layout, so HF weights load by a key rename with no q/k permutat
 Attention goes through one function, :func:`causal_attention`: flash-attn's varlen kernel when it is
 importable and the tensors are on CUDA, else ``scaled_dot_product_attention`` with an explicit
 block-diagonal causal mask. Packed sequences are signalled the usual way: ``position_ids`` restart at 0
-at the start of every packed sequence (docs/interfaces.md §B).
+at the start of every packed sequence (docs/interfaces.md §B); a caller that knows the layout on the
+host (the collator) also passes it as flash-attn metadata (:data:`Varlen`), which makes attention
+free of host syncs.
 """
 from __future__ import annotations
 
@@ -216,36 +218,79 @@ def _sdpa_mask(segment_ids: torch.Tensor | None, query_len: int, key_len: int,
     return allowed[:, None]
 
 
-def _flash_varlen_attention(q, k, v, segment_ids, scale, varlen_fn) -> torch.Tensor:
-    """Unpad + pack every (row, segment) into flash-attn's varlen layout, attend, scatter back.
+# Packed-attention metadata in flash-attn's varlen layout: ``(cu_seqlens, max_seqlen)``. The [B, S]
+# batch is flattened to B*S tokens and cut into consecutive segments -- each row's packed sequences,
+# then its padding run (a segment of its own) -- ``cu_seqlens`` int32 [n + 1] holding their offsets
+# and ``max_seqlen`` the longest (a host int). Covering the padding lets the kernel take the flat
+# q/k/v as they are: no gather of valid tokens, no scatter back, no host sync. The collator builds it
+# on the host (``vittle_fast.data.collate``); :func:`varlen_from_segment_ids` derives it otherwise.
+Varlen = tuple[torch.Tensor, int]
 
-    Building ``cu_seqlens``/``max_seqlen`` needs the segment lengths on the host: one sync per call,
-    inherent to the varlen API."""
-    batch, seq, heads, dim = q.shape
+
+def select_flash_varlen(device: torch.device) -> Callable | None:
+    """flash-attn's varlen kernel when it is installed and the tensors are on CUDA, else None (SDPA).
+    The seam tests use to run the varlen path with a stand-in kernel on the CPU."""
+    return FLASH_ATTN_VARLEN if FLASH_ATTN_VARLEN is not None and device.type == "cuda" else None
+
+
+def varlen_from_segment_ids(segment_ids: torch.Tensor | None, shape: tuple[int, int],
+                            device: torch.device) -> Varlen:
+    """The varlen metadata of a [B, S] batch from :func:`segment_ids_from` (a new segment wherever the
+    id changes within a row, and at every row start). Two host syncs (the boundary positions and the
+    longest segment): call it once per forward, and only when the caller has no metadata."""
+    batch, seq = shape
     if segment_ids is None:
-        segment_ids = torch.zeros(batch, seq, dtype=torch.int64, device=q.device)
-    flat_segments = (segment_ids + torch.arange(batch, device=q.device)[:, None] * (seq + 1)).flatten()
-    keep = torch.nonzero(segment_ids.flatten() >= 0).squeeze(1)
-    _, lengths = torch.unique_consecutive(flat_segments[keep], return_counts=True)
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    max_len = int(lengths.max())
-    out = varlen_fn(q.flatten(0, 1)[keep], k.flatten(0, 1)[keep], v.flatten(0, 1)[keep],
-                    cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True)
-    return q.new_zeros(batch * seq, heads, dim).index_copy(0, keep, out).view(batch, seq, heads, dim)
+        return torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=device), seq
+    starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True).flatten()
+    cu_seqlens = F.pad(starts.nonzero().squeeze(1), (0, 1), value=batch * seq).to(torch.int32)
+    return cu_seqlens, int(cu_seqlens.diff().max()) if batch * seq else 0
+
+
+def segment_ids_from_varlen(cu_seqlens: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-token segment index [B, S] of varlen metadata, for the SDPA block mask (sync-free)."""
+    tokens = torch.arange(shape[0] * shape[1], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens, tokens, right=True) - 1).view(shape)
+
+
+def check_varlen(cu_seqlens: torch.Tensor | None, max_seqlen: int | None, device: torch.device) -> Varlen | None:
+    """``(cu_seqlens, max_seqlen)`` after checking them (the totals are not checked: that needs a sync)."""
+    if (cu_seqlens is None) != (max_seqlen is None):
+        raise ValueError("pass cu_seqlens and max_seqlen together (or neither)")
+    if cu_seqlens is None:
+        return None
+    if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be 1-D int32 on {device}, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a host int >= 0, got {max_seqlen!r}")
+    return cu_seqlens, max_seqlen
+
+
+def _flash_varlen_attention(q, k, v, varlen: Varlen, scale, varlen_fn) -> torch.Tensor:
+    """flash-attn's varlen kernel on the flat [B*S] tokens, cut into segments by ``varlen``."""
+    batch, seq, heads, dim = q.shape
+    cu_seqlens, max_seqlen = varlen
+    out = varlen_fn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, max_seqlen,
+                    max_seqlen, softmax_scale=scale, causal=True)
+    return out.view(batch, seq, heads, dim)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     segment_ids: torch.Tensor | None = None, *,
-                     flash_varlen: Callable | None = FLASH_ATTN_VARLEN) -> torch.Tensor:
+                     segment_ids: torch.Tensor | None = None, *, varlen: Varlen | None = None,
+                     flash_varlen: Callable | None = None) -> torch.Tensor:
     """Causal (grouped-query) attention for packed/padded batches.
 
     q [B, Sq, Hq, Dh]; k, v [B, Sk, Hkv, Dh] with Hq % Hkv == 0; queries are the last Sq of the Sk
     positions (Sq < Sk during cached generation). ``segment_ids`` [B, Sk] from
-    :func:`segment_ids_from`. Returns [B, Sq, Hq, Dh].
+    :func:`segment_ids_from` (or :func:`segment_ids_from_varlen`); ``varlen`` the same layout as
+    flash-attn metadata. ``flash_varlen`` (a ``flash_attn_varlen_func``) is used when given and
+    Sq == Sk, with ``varlen`` (derived from ``segment_ids`` when missing). Returns [B, Sq, Hq, Dh].
     """
     scale = q.shape[-1] ** -0.5
-    if flash_varlen is not None and q.is_cuda and q.shape[1] == k.shape[1]:
-        return _flash_varlen_attention(q, k, v, segment_ids, scale, flash_varlen)
+    if flash_varlen is not None and q.shape[1] == k.shape[1]:
+        if varlen is None:
+            varlen = varlen_from_segment_ids(segment_ids, q.shape[:2], q.device)
+        return _flash_varlen_attention(q, k, v, varlen, scale, flash_varlen)
     mask = _sdpa_mask(segment_ids, q.shape[1], k.shape[1], q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -291,14 +336,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.attention_bias)
 
-    def forward(self, x, cos, sin, segment_ids, kv_cache: KVCache | None):
+    def forward(self, x, cos, sin, segment_ids, kv_cache: KVCache | None, varlen: Varlen | None = None):
         batch, seq, _ = x.shape
         q = apply_rope(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_index, k, v)
-        out = causal_attention(q, k, v, segment_ids)
+        out = causal_attention(q, k, v, segment_ids, varlen=varlen, flash_varlen=select_flash_varlen(q.device))
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
 
@@ -321,8 +366,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.mlp = SwiGLU(s)
 
-    def forward(self, x, cos, sin, segment_ids, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv_cache)
+    def forward(self, x, cos, sin, segment_ids, kv_cache=None, varlen=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv_cache, varlen)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -378,14 +423,23 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         after_layer: LayerHook | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         hidden = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                    position_ids=position_ids, kv_cache=kv_cache, after_layer=after_layer)
+                                    position_ids=position_ids, kv_cache=kv_cache, after_layer=after_layer,
+                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.lm_head(hidden)
 
     def hidden_states(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
-                      kv_cache=None, after_layer=None) -> torch.Tensor:
-        """Final-norm hidden states [B, S, D] (the input of ``lm_head``)."""
+                      kv_cache=None, after_layer=None, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
+        """Final-norm hidden states [B, S, D] (the input of ``lm_head``).
+
+        ``cu_seqlens``/``max_seqlen`` (see :data:`Varlen`; the collator puts them in the batch) describe
+        the packed/padded layout for attention -- both the flash-attn varlen kernel and the SDPA block
+        mask then come from them, with no host sync; ``attention_mask`` and ``position_ids`` no longer
+        shape attention (RoPE still uses ``position_ids``). Without them the layout is derived from
+        ``position_ids``/``attention_mask`` once per forward (two syncs on the flash-attn path)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -394,7 +448,15 @@ class Llama(nn.Module):
         if attention_mask is not None and attention_mask.shape != (batch, start + seq):
             raise ValueError(f"attention_mask must be [B, cached + new tokens] = {(batch, start + seq)}, "
                              f"got {tuple(attention_mask.shape)}")
-        if position_ids is None or kv_cache is not None:
+        varlen = check_varlen(cu_seqlens, max_seqlen, hidden.device)
+        if varlen is not None and kv_cache is not None:
+            raise ValueError("cu_seqlens/max_seqlen are not supported with a KV cache")
+        if varlen is not None:
+            segment_ids = segment_ids_from_varlen(varlen[0], (batch, seq))
+            if position_ids is None:  # each segment counts from 0
+                starts = varlen[0].long().index_select(0, segment_ids.flatten()).view(batch, seq)
+                position_ids = torch.arange(batch * seq, device=hidden.device).view(batch, seq) - starts
+        elif position_ids is None or kv_cache is not None:
             # With a KV cache, position_ids (if given) are the chunk's RoPE positions -- e.g. shifted
             # by left padding -- not packing boundaries: one sequence per row, padding from the mask.
             if position_ids is None:
@@ -402,9 +464,11 @@ class Llama(nn.Module):
             segment_ids = segment_ids_from(None, attention_mask, (batch, start + seq), hidden.device)
         else:
             segment_ids = segment_ids_from(position_ids, attention_mask, (batch, seq), hidden.device)
+        if varlen is None and start == 0 and select_flash_varlen(hidden.device) is not None:
+            varlen = varlen_from_segment_ids(segment_ids, (batch, seq), hidden.device)  # once, not per layer
         cos, sin = self.rope(position_ids, hidden.dtype)
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, segment_ids, kv_cache)
+            hidden = layer(hidden, cos, sin, segment_ids, kv_cache, varlen)
             if after_layer is not None:
                 hidden = after_layer(index, hidden, start)
         if kv_cache is not None:

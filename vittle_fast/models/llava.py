@@ -235,10 +235,12 @@ class LlavaVittle(nn.Module):
             embeds = embeds.flatten(0, 1).index_copy(0, visual_rows, features).view_as(embeds)
         return embeds, is_visual, num_visual
 
-    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, pixel_values=None, *,
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, pixel_values=None,
+                cu_seqlens=None, max_seqlen=None, *,
                 vittle_alpha: float | None = None, noise_seed: int = 0, noise_offset: int = 0) -> LlavaOutput:
         """One forward pass. ``vittle_alpha`` None = the bottleneck's ``config.alpha`` (a trained
-        model's final training alpha); the trainer passes its schedule's value."""
+        model's final training alpha); the trainer passes its schedule's value. ``cu_seqlens`` /
+        ``max_seqlen``: the collator's attention layout (``Llama.hidden_states``), optional."""
         self._check_inputs(input_ids, pixel_values, labels, attention_mask, position_ids)
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
@@ -248,7 +250,8 @@ class LlavaVittle(nn.Module):
                                                  self.bottleneck.config.kl_text_tokens),
                                   alpha=self._alpha(vittle_alpha), noise_seed=noise_seed, noise_offset=noise_offset)
         hidden = self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
-                                                   position_ids=position_ids, after_layer=hook)
+                                                   position_ids=position_ids, after_layer=hook,
+                                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         zero = hidden.new_zeros((), dtype=torch.float32)
         if labels is not None and self.fused_cross_entropy:
             logits = None

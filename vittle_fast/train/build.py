@@ -198,7 +198,8 @@ class BatchStream:
             self._iterator = None
         self.sampler.advance()
         non_blocking = device.type == "cuda"
-        return {name: tensor.to(device, non_blocking=non_blocking) for name, tensor in batch.items()}
+        return {name: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+                for name, value in batch.items()}  # max_seqlen stays a host int
 
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()

@@ -44,7 +44,7 @@ from .noise import noise_offset, noise_seed
 from .parallel import DistInfo, apply_activation_checkpointing, apply_fsdp, build_mesh, init_distributed
 from .schedules import warmup_cosine_lr_factor
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "cu_seqlens", "max_seqlen")
 
 
 def main(argv: list[str] | None = None) -> dict:
