@@ -223,6 +223,67 @@ def test_packed_training_forward_runs_no_host_sync(monkeypatch):
     assert counter.syncs == []
 
 
+def released_positional_forward(model, batch):
+    """Eval-mode logits and KL means the released code's way (vittle_llama.py): ``image_seq_len =
+    L - text_tok_length`` with text_tok_length the length before each <image> placeholder was expanded
+    into P tokens; ``hidden[:, :image_seq_len]`` goes through the visual bottleneck, the rest through
+    the text one; the text KL masks ``(labels == IGNORE) & attention_mask`` of the text part."""
+    lm, bottleneck, alpha = model.language_model, model.bottleneck, ALPHA
+    ids = batch["input_ids"]
+    n_images = batch["pixel_values"].shape[0] // ids.shape[0]  # the same in every row of this batch
+    text_tok_length = ids.shape[1] - n_images * (TOKENS_PER_IMAGE - 1)
+    image_seq_len = ids.shape[1] - text_tok_length
+    embeds, _, _ = model.embed(ids, batch["pixel_values"])
+    prompt = (batch["labels"] == -100) & batch["attention_mask"]
+    kl = {}
+
+    def bottleneck_part(part, modality, kl_mask):
+        stats = bottleneck.mlp(modality)(part)
+        prior_mu, prior_logvar = bottleneck.prior(modality)
+        z_hat, kl_tokens = vib_sample_kl_reference(part.reshape(-1, D), stats.reshape(-1, 2 * D), alpha, None,
+                                                   prior_mu, prior_logvar, bottleneck.config.logvar_clamp,
+                                                   bottleneck.config.kl_form, False)
+        kl[modality] = kl_tokens[kl_mask.flatten()].mean()
+        return z_hat.view_as(part)
+
+    def hook(layer_index, hidden, first_position):
+        visual, text = hidden[:, :image_seq_len], hidden[:, image_seq_len:]
+        if layer_index == bottleneck.config.layer_v:
+            visual = bottleneck_part(visual, "visual", torch.ones(visual.shape[:2], dtype=torch.bool))
+        if layer_index == bottleneck.config.layer_t:
+            text = bottleneck_part(text, "text", prompt[:, image_seq_len:])
+        return torch.cat((visual, text), dim=1)
+
+    hidden = lm.hidden_states(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], after_layer=hook)
+    return lm.lm_head(hidden), kl
+
+
+def test_positional_routing_is_the_released_split():
+    """A batch where the two routings differ: a system prompt before the image. Exact routing sends
+    the 4 image tokens to the visual bottleneck; positional sends the first 4 - 1 = 3 tokens (the
+    prompt prefix of row 0, prefix + one image token of row 1) and everything after to the text one."""
+    torch.manual_seed(0)
+    batch = make_batch()
+    logits = {}
+    for routing in ("exact", "positional"):
+        torch.manual_seed(5)
+        vittle = VittleConfig(layer_v=0, layer_t=1, prior="learnable", routing=routing)
+        model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN, vittle).eval()
+        with torch.no_grad():
+            for param in model.bottleneck.parameters(recurse=False):
+                param.normal_(0.0, 0.3)
+            out = model(**batch, vittle_alpha=ALPHA)
+        logits[routing] = out.logits
+    expected, kl = released_positional_forward(model, batch)
+    torch.testing.assert_close(out.logits, expected, **TOL["float32"])
+    torch.testing.assert_close(out.kl_v, kl["visual"], **TOL["fp32_sum"])
+    torch.testing.assert_close(out.kl_t, kl["text"], **TOL["fp32_sum"])
+    assert not torch.allclose(logits["exact"], logits["positional"])
+    with pytest.raises(ValueError, match="routing"):
+        VittleConfig(layer_v=0, layer_t=0, routing="by_position")
+
+
 def test_image_token_count_mismatch_raises():
     model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN)
     batch = make_batch()

@@ -44,6 +44,7 @@ def test_string_options_keep_raw_text():
         (["model.stage=1"], "vittle.enabled requires model.stage=2"),
         (["vittle.logvar_clamp=[2, -2]"], "lo < hi"),
         (["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing must be one of"),
+        (["vittle.routing=positional", "data.packing=true"], "vittle.routing=positional needs one sequence per row"),
     ],
 )
 def test_bad_values_name_the_option(argv, message):

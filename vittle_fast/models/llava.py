@@ -245,6 +245,7 @@ class LlavaVittle(nn.Module):
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
         if self.bottleneck is not None:
+            is_visual, num_visual = self.routed_visual(is_visual, num_visual, attention_mask)
             hook = BottleneckHook(self.bottleneck, is_visual, num_visual,
                                   kl_token_masks(is_visual, labels, attention_mask,
                                                  self.bottleneck.config.kl_text_tokens),
@@ -268,6 +269,23 @@ class LlavaVittle(nn.Module):
             vittle_loss = self.bottleneck.config.beta_v * kl_v + self.bottleneck.config.beta_t * kl_t
         return LlavaOutput(logits, ce_sum, n_targets, kl_v, kl_t, vittle_loss)
 
+    def routed_visual(self, is_visual: torch.Tensor, num_visual: int,
+                      attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """The tokens the bottleneck treats as visual, [B, S], and their (host-known) count.
+
+        ``routing="exact"``: the image tokens. ``"positional"`` (the released code): the first
+        images x (P - 1) tokens of each row, counted from its first valid token (left padding is
+        skipped) -- the released ``image_seq_len = L - text_tok_length`` per sequence. One sequence per
+        row (no packing); a batch whose rows hold different numbers of images is split per row where
+        the released code used one batch-wide length."""
+        if self.bottleneck.config.routing == "exact":
+            return is_visual, num_visual
+        patches = self.num_image_tokens
+        visual_len = is_visual.sum(1, keepdim=True) // patches * (patches - 1)  # images in the row x (P - 1)
+        valid = torch.ones_like(is_visual) if attention_mask is None else attention_mask.bool()
+        rank = valid.long().cumsum(1) - 1  # position among the row's valid tokens
+        return valid & (rank < visual_len), num_visual // patches * (patches - 1)
+
     def _alpha(self, vittle_alpha):
         return self.bottleneck.config.alpha if vittle_alpha is None else vittle_alpha
 
@@ -284,6 +302,7 @@ class LlavaVittle(nn.Module):
         embeds, is_visual, num_visual = self.embed(input_ids, pixel_values)
         hook = None
         if self.bottleneck is not None:
+            is_visual, num_visual = self.routed_visual(is_visual, num_visual, attention_mask)
             hook = BottleneckHook(self.bottleneck, is_visual, num_visual, None,
                                   alpha=self._alpha(vittle_alpha), noise_seed=0, noise_offset=0)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,

@@ -45,6 +45,12 @@ class VittleConfig:
     kl_text_tokens: str = "prompt"  # "prompt" | "all"
     logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025)
     backend: str = "auto"
+    # Which tokens count as visual. "exact": the image tokens themselves (where features were spliced).
+    # "positional": the released code's split, for evaluating released checkpoints the released way:
+    # ``image_seq_len = L - text_tok_length`` (L: length after expanding each <image> placeholder into P
+    # tokens, text_tok_length: before), i.e. each sequence's first images x (P - 1) tokens are "visual"
+    # -- the system prompt included -- and the rest, the last image tokens included, are "text".
+    routing: str = "exact"
     # The alpha a trained model runs with: the final value of its training schedule (the trainer stores
     # it in the export); ``LlavaVittle.forward`` and ``generate`` default to it.
     alpha: float = 0.5
@@ -60,7 +66,7 @@ class VittleConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"VittleConfig.{name} must be >= 0, got {getattr(self, name)}")
         choices = {"prior": ("fixed", "learnable"), "kl_form": ("standard", "released"),
-                   "kl_text_tokens": ("prompt", "all")}
+                   "kl_text_tokens": ("prompt", "all"), "routing": ("exact", "positional")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VittleConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -35,6 +35,7 @@ def vittle_config(cfg: TrainConfig, num_layers: int) -> VittleConfig | None:
         kl_text_tokens=v.kl_text_tokens,
         logvar_clamp=v.logvar_clamp,
         backend=v.backend,
+        routing=v.routing,
         alpha=current_alpha(cfg, cfg.max_steps),  # where training ends: the exported model's default alpha
     )
 

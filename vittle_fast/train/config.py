@@ -77,6 +77,8 @@ class VittleSection:
     alpha_k: float = opt(10.0, "sigmoid steepness")
     alpha_t0: float = opt(0.5, "sigmoid midpoint, as a fraction of max_steps")
     backend: str = opt("auto", "vib_sample_kl backend: auto | triton | cpp | reference")
+    routing: Literal["exact", "positional"] = opt("exact", "visual tokens: the image tokens (exact) or the released "
+                                                  "code's positional split (first images x (P-1) tokens)")
 
 
 @dataclass
@@ -204,6 +206,8 @@ class TrainConfig:
             found.append("model.path is required when model.source=hf_llava")
         if self.model.source == "hf_parts" and not (self.model.llm_path and self.model.vision_path):
             found.append("model.llm_path and model.vision_path are required when model.source=hf_parts")
+        if self.vittle.routing == "positional" and self.data.packing:
+            found.append("vittle.routing=positional needs one sequence per row: set data.packing=false")
         clamp = self.vittle.logvar_clamp
         if clamp is not None and not clamp[0] < clamp[1]:
             found.append(f"vittle.logvar_clamp must be (lo, hi) with lo < hi, got {list(clamp)}")
