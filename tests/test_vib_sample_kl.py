@@ -256,8 +256,14 @@ def test_tensor_scalars_equal_python_scalars_bitwise(backend, case):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
-@pytest.mark.parametrize("as_tensors", [False, True], ids=["python_scalars", "tensor_scalars"])
+COMPILE_CASES = [  # the interpreter makes the Triton case slow: its tensor-scalar variant runs in the slow tier
+    pytest.param(backend, as_tensors, id=f"{backend}-{'tensor' if as_tensors else 'python'}_scalars",
+                 marks=[pytest.mark.slow] if backend == "triton" and as_tensors else [])
+    for backend in available_backends("cpu") for as_tensors in (False, True)
+]
+
+
+@pytest.mark.parametrize("backend,as_tensors", COMPILE_CASES)
 def test_torch_compile_with_moving_scalars(backend, as_tensors):
     """A compiled training step whose alpha, seed and offset change every call: fullgraph holds, at
     most two compiles for ten values (the first specialisation, then one dynamic graph; one with
