@@ -248,8 +248,7 @@ def test_tensor_scalars_equal_python_scalars_bitwise(backend, case):
     h, stats, priors, grad_z, grad_kl = make_inputs((5,), 11, torch.bfloat16, learnable_prior=True)
     results = []
     for scalars in (python, mixed):
-        call = lambda *a, s=scalars, **k: vib_sample_kl(*a, s["alpha"], seed=s["seed"], offset=s["offset"],  # noqa: E731
-                                                        backend=backend, **k)
+        call = lambda *a, s=scalars, **k: vib_sample_kl(*a, **s, backend=backend, **k)  # noqa: E731
         z_hat, kl, grads = run(call, h, stats, priors, grad_z, grad_kl)
         results.append([z_hat, kl, *grads])
     for got, expected in zip(*results):

@@ -20,6 +20,9 @@ One forward kernel (noise -> sample -> interpolate -> per-token KL) and one back
 * **Deterministic prior gradient.** Each program writes its column partials to its own rows of a
   ``[2, num_programs, D]`` fp32 buffer; ``torch.sum`` over programs reduces them in a fixed order.
   No atomics.
+* **Scalars by value or from memory** (ops/scalars.py): ``alpha``, ``seed``, ``offset`` arrive as
+  launch arguments, or, when given as 0-dim tensors, through ``*_ptr`` pointers loaded once per
+  program (CUDA-graph safe). A None pointer specialises the load away.
 * All math in fp32 registers; ``z_hat``/grads stored in the input dtype, ``kl`` in fp32.
 """
 from __future__ import annotations
@@ -216,7 +219,8 @@ def _vib_sample_kl_bwd_kernel(
             tl.store(grad_stats_ptr + mu_offsets + D, grad_logvar.to(out_ty), mask=mask)
             if LEARNABLE_PRIOR:
                 grad_mu_p_acc -= tl.where(mask, kl_grad_mu, 0.0)
-                grad_logvar_p_acc += tl.where(mask, w * 0.5 * (kl_logvar_coef - (var + diff * diff) * inv_var_p), 0.0)
+                grad_logvar_p = w * 0.5 * (kl_logvar_coef - (var + diff * diff) * inv_var_p)
+                grad_logvar_p_acc += tl.where(mask, grad_logvar_p, 0.0)
         if LEARNABLE_PRIOR:
             mu_p_partials = prior_partials_ptr + pid.to(tl.int64) * D  # [2, num_programs, D]
             logvar_p_partials = mu_p_partials + tl.num_programs(0).to(tl.int64) * D
