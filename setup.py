@@ -17,8 +17,11 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/vib_sample_kl_ops.cpp", f"{CSRC}/vib_sample_kl_cpu.cpp", f"{CSRC}/python_module.cpp"]
-CUDA_SOURCES = [f"{CSRC}/vib_sample_kl_cuda.cu"]
+# The op sources are listed once, in csrc/sources.txt (CMakeLists.txt reads it too).
+_OP_SOURCES = [f"{CSRC}/{line.strip()}" for line in (ROOT / CSRC / "sources.txt").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+CPU_SOURCES = [s for s in _OP_SOURCES if not s.endswith(".cu")] + [f"{CSRC}/python_module.cpp"]
+CUDA_SOURCES = [s for s in _OP_SOURCES if s.endswith(".cu")]
 # -fno-math-errno / -fno-trapping-math let g++ vectorize the element loops (no change to results);
 # -ffp-contract=off keeps every CPU's code path rounding alike (no FMA contraction).
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]

@@ -152,3 +152,32 @@ def test_forward_both_equals_two_single_modality_calls(backend, prior):
         results.append([out.detach(), kl["visual"].detach(), kl["text"].detach(), *grads])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("both", [True, False])
+def test_fused_mlp_switch_keeps_results_and_noise_stream(backend, both):
+    """VittleConfig.fused_mlp (one vib_bottleneck_grouped call) == the unfused nn.Sequential + vib_sample_kl
+    path: same noise stream, same outputs and gradients up to GEMM rounding."""
+    torch.manual_seed(4)
+    n, num_visual = 19, 8
+    order = torch.randperm(n)
+    masks = {"visual": torch.rand(num_visual) < 0.7, "text": torch.rand(n - num_visual) < 0.5}
+    hidden = torch.randn(n, D)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(5)
+        bottleneck = make_bottleneck(backend, "learnable").train()
+        bottleneck.config.fused_mlp = fused
+        leaf = hidden.clone().requires_grad_()
+        noise = dict(alpha=ALPHA, noise_seed=SEED, noise_offset=OFFSET)
+        if both:
+            out, kl = bottleneck.forward_both(leaf, order, num_visual, masks, **noise)
+            kl = kl["visual"] + 2 * kl["text"]
+        else:
+            out, kl = bottleneck(leaf, "text", order[num_visual:], masks["text"], **noise)
+        loss = (out * torch.linspace(-1, 1, D)).sum() + 3 * kl
+        params = list(bottleneck.parameters()) if both else [*bottleneck.mlp_t.parameters(), *bottleneck.prior("text")]
+        results.append([out.detach(), kl.detach(), *torch.autograd.grad(loss, [leaf, *params])])
+    for fused, unfused in zip(*results):
+        torch.testing.assert_close(fused, unfused, **TOL["fp32_sum"])

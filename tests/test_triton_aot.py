@@ -58,3 +58,14 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
 @pytest.mark.slow
 def test_every_launchable_variant_compiles_without_spills():
     check_table(run_aot("--full"), full=True)
+
+
+@pytest.mark.slow
+def test_bottleneck_kernels_compile_for_sm80_and_sm90_without_spills():
+    """The fused bottleneck's GEMM kernels (``--op vib_bottleneck``): the training launches, bf16 on
+    sm_80 and sm_90 and fp16 on sm_90, no spills, no local memory (~12 compiles of ~10 s)."""
+    rows = run_aot("--op", "vib_bottleneck")
+    for row in rows:
+        assert row["spill B"] == "0" and row["local B"] == "0", f"spills: {row}"
+    covered = {(row["kernel"], row["sm"]) for row in rows}
+    assert covered == {(k, sm) for k in ("linear_gelu", "tail_fwd", "tail_bwd") for sm in ("80", "90")}

@@ -2,10 +2,12 @@
 
 The module works on flat token rows: the caller (``LlavaVittle``) flattens the hidden state to
 [B*S, D] and gives, per modality, the row indices of its tokens and a boolean mask saying which of them
-count in the KL. ``forward`` (one modality) gathers its tokens with ``index_select`` and writes them
-back with an out-of-place ``index_copy``; ``forward_both`` (both modalities at the same layer, the
-default) permutes all rows once into [visual | text] order and once back, which moves each row once
-per direction instead of copying the whole hidden state per call.
+count in the KL. With ``VittleConfig.fused_mlp`` (the default) both methods are one call of the fused
+``vib_bottleneck_grouped`` op, which gathers the rows inside its GEMM and writes ``z_hat`` straight to
+them: no row permutation copies and no ``stats`` tensor. The unfused path, kept for comparison:
+``forward`` (one modality) gathers its tokens with ``index_select`` and writes them back with an
+out-of-place ``index_copy``; ``forward_both`` (both modalities at the same layer) permutes all rows
+once into [visual | text] order and once back, then runs ``nn.Sequential`` + ``vib_sample_kl``.
 
 Host syncs: none. Index lists have host-known lengths (see :func:`split_token_rows`), the KL means
 divide by a clamped on-device count, and an empty modality runs the MLP on zero rows, so its
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vittle_fast.ops import vib_sample_kl
+from vittle_fast.ops import vib_bottleneck_grouped, vib_sample_kl
 
 MODALITIES = ("visual", "text")
 _SUFFIX = {"visual": "v", "text": "t"}
@@ -54,6 +56,7 @@ class VittleConfig:
     # The alpha a trained model runs with: the final value of its training schedule (the trainer stores
     # it in the export); ``LlavaVittle.forward`` and ``generate`` default to it.
     alpha: float = 0.5
+    fused_mlp: bool = True  # the whole bottleneck as one fused op; False: nn.Sequential + vib_sample_kl
 
     def __post_init__(self):
         for name in ("layer_v", "layer_t"):
@@ -158,6 +161,9 @@ class VittleBottleneck(nn.Module):
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if hidden.ndim != 2:
             raise ValueError(f"hidden must be flat token rows [N, D], got shape {tuple(hidden.shape)}")
+        if self.config.fused_mlp:
+            out, (kl_mean,) = self._fused(hidden, rows, {modality: kl_mask}, alpha, noise_seed, noise_offset)
+            return out, kl_mean
         z_hat, kl_mean = self._transform(hidden.index_select(0, rows), modality, kl_mask, alpha, noise_seed,
                                          noise_offset)
         return hidden.index_copy(0, rows, z_hat), kl_mean
@@ -188,8 +194,12 @@ class VittleBottleneck(nn.Module):
             raise ValueError(f"order {tuple(order.shape)} must list every row of hidden {tuple(hidden.shape)}")
         if not 0 <= num_visual <= order.numel():
             raise ValueError(f"num_visual must be in [0, {order.numel()}], got {num_visual}")
-        tokens = _PermuteRows.apply(hidden, order, inverse_permutation(order))
         split = [num_visual, order.numel() - num_visual]
+        if self.config.fused_mlp:
+            out, kl_means = self._fused(hidden, order, dict(zip(MODALITIES, split)), alpha, noise_seed, noise_offset,
+                                        kl_masks)
+            return out, dict(zip(MODALITIES, kl_means))
+        tokens = _PermuteRows.apply(hidden, order, inverse_permutation(order))
         out = torch.empty_like(hidden)  # every row is written below, each exactly once
         kl_means = {}
         for modality, part, rows in zip(MODALITIES, tokens.split(split), order.split(split)):
@@ -197,6 +207,25 @@ class VittleBottleneck(nn.Module):
                                                         noise_offset)
             out.index_copy_(0, rows, z_hat)  # back in place of the tokens it replaces; grad: one gather
         return out, kl_means
+
+    def _fused(self, hidden, order, groups, alpha, noise_seed, noise_offset, kl_masks=None):
+        """One ``vib_bottleneck_grouped`` call for the modalities in ``groups`` (modality -> row count;
+        their rows are consecutive in ``order``): ``(hidden with the rows transformed, [KL means])``.
+        ``kl_masks`` defaults to ``groups``' values when those are the masks (single modality)."""
+        if kl_masks is None:
+            kl_masks, groups = groups, {m: mask.numel() for m, mask in groups.items()}
+        for modality, size in groups.items():
+            if kl_masks[modality].shape != (size,):
+                raise ValueError(f"{modality} rows ({size}) and kl_mask {tuple(kl_masks[modality].shape)} must match")
+        weights = [(mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias) for mlp in map(self.mlp, groups)]
+        priors = [None if self.config.prior == "fixed" else self.prior(m) for m in groups]
+        out, kl = vib_bottleneck_grouped(
+            hidden, order, list(groups.values()), weights, alpha, seed=noise_seed,
+            offsets=[noise_offset + (NOISE_CALL_INDEX[m] << NOISE_CALL_SHIFT) for m in groups], priors=priors,
+            logvar_clamp=self.config.logvar_clamp, kl_form=self.config.kl_form, sample=self.training,
+            backend=self.config.backend,
+        )
+        return out, [_masked_mean(part, kl_masks[m]) for m, part in zip(groups, kl.split(list(groups.values())))]
 
     def _transform(self, tokens, modality, kl_mask, alpha, noise_seed, noise_offset):
         """MLP + fused op on one modality's gathered tokens: ``(z_hat, KL mean over kl_mask)``."""
@@ -216,8 +245,13 @@ class VittleBottleneck(nn.Module):
             sample=self.training,
             backend=self.config.backend,
         )
-        kl_sum = torch.where(kl_mask, kl, 0.0).sum()  # where, not a product: padding rows may hold anything
-        return z_hat, kl_sum / kl_mask.sum().clamp(min=1).to(kl.dtype)
+        return z_hat, _masked_mean(kl, kl_mask)
+
+
+def _masked_mean(kl: torch.Tensor, kl_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``kl`` over ``kl_mask`` (0 when none), without a host sync."""
+    kl_sum = torch.where(kl_mask, kl, 0.0).sum()  # where, not a product: padding rows may hold anything
+    return kl_sum / kl_mask.sum().clamp(min=1).to(kl.dtype)
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:

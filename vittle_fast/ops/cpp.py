@@ -80,3 +80,22 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
     if prior_mu is None:
         return grad_h, grad_stats, None, None
     return grad_h, grad_stats, grad_prior_mu, grad_prior_logvar
+
+
+def vib_bottleneck_forward(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus,
+                           prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute):
+    """``(out, kl, preact, stats)`` of the fused bottleneck (csrc/vib_bottleneck_cpu.cpp)."""
+    return torch.ops.vittle_fast.vib_bottleneck_fwd(
+        h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus, prior_logvars,
+        clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute,
+    )
+
+
+def vib_bottleneck_backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets,
+                            prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute,
+                            preact, stats):
+    """``(grad_h, grad_w1s, grad_b1s, grad_w2s, grad_b2s, grad_prior_mus, grad_prior_logvars)``."""
+    return torch.ops.vittle_fast.vib_bottleneck_bwd(
+        grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus,
+        prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute, preact, stats,
+    )

@@ -22,6 +22,7 @@ Everything is computed in float32 (the kernels' register precision); ``z^`` is r
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 KL_LOGVAR_COEF = {"standard": 1.0, "released": 0.5}
 
@@ -90,3 +91,37 @@ def vib_sample_kl_reference(
         - 1.0
     )
     return z_hat.to(h.dtype), kl_per_dim.mean(dim=-1)
+
+
+def bottleneck_stats_reference(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                               b2: torch.Tensor) -> torch.Tensor:
+    """The bottleneck MLP as nn.Sequential computes it: ``Linear(D, D) -> GELU (erf) -> Linear(D, 2D)``."""
+    return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+
+
+def vib_bottleneck_grouped_reference(
+    h: torch.Tensor,
+    order: torch.Tensor,
+    group_sizes: list[int],
+    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    alpha: float,
+    noises: list[torch.Tensor | None],
+    priors: list[tuple[torch.Tensor, torch.Tensor] | None],
+    logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025),
+    kl_form: str = "standard",
+    sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole bottleneck, unfused: per group, gather its rows ``order[...]``, run the MLP and the
+    reference tail with that group's ``noises[g]`` (``[size_g, D]``), write ``z_hat`` back to those
+    rows (the other rows of ``h`` pass unchanged). Returns ``(out [N, D], kl [M] in order's order)``."""
+    z_parts, kl_parts = [], []
+    for rows, (w1, b1, w2, b2), noise, prior in zip(order.split(group_sizes), weights, noises, priors):
+        tokens = h.index_select(0, rows)
+        prior_mu, prior_logvar = prior if prior is not None else (None, None)
+        z_hat, kl = vib_sample_kl_reference(tokens, bottleneck_stats_reference(tokens, w1, b1, w2, b2), alpha,
+                                            noise, prior_mu, prior_logvar, logvar_clamp, kl_form, sample)
+        z_parts.append(z_hat)
+        kl_parts.append(kl)
+    z_all = torch.cat(z_parts) if z_parts else h.new_empty((0, h.shape[-1]))
+    kl_all = torch.cat(kl_parts) if kl_parts else h.new_empty((0,), dtype=torch.float32)
+    return h.index_copy(0, order, z_all), kl_all

@@ -229,6 +229,11 @@ def _validate(h, stats, prior_mu, prior_logvar, logvar_clamp, kl_form, sample) -
             raise ValueError(f"{name} must have shape [D] = ({d},), got {tuple(prior.shape)}")
         if prior.device != h.device:
             raise ValueError(f"{name} must be on h's device {h.device}, got {prior.device}")
+    _validate_tail_options(logvar_clamp, kl_form, sample)
+
+
+def _validate_tail_options(logvar_clamp, kl_form, sample) -> None:
+    """The options shared by every op with the sampling/KL tail."""
     if logvar_clamp is not None:
         if not (isinstance(logvar_clamp, (tuple, list)) and len(logvar_clamp) == 2):
             raise TypeError(f"logvar_clamp must be None or a (low, high) pair, got {logvar_clamp!r}")

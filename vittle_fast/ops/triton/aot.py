@@ -1,7 +1,8 @@
-"""Ahead-of-time compile of the op's Triton kernels for sm_80 / sm_90, with no GPU.
+"""Ahead-of-time compile of the ops' Triton kernels for sm_80 / sm_90, with no GPU.
 
-    python -m vittle_fast.ops.triton.aot            # representative subset (~15-30 s)
+    python -m vittle_fast.ops.triton.aot            # vib_sample_kl: representative subset (~15-30 s)
     python -m vittle_fast.ops.triton.aot --full     # every variant the GPU launcher can pick
+    python -m vittle_fast.ops.triton.aot --op vib_bottleneck [--full]   # the bottleneck's GEMM kernels
 
 Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 exactly as the JIT would specialise a real call (16-byte aligned pointers, D % 16 == 0 as for
@@ -30,6 +31,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import vib_bottleneck as bottleneck
 from . import vib_sample_kl as op
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -102,6 +104,84 @@ def variants(full: bool) -> list[Variant]:
     return chosen
 
 
+@dataclass(frozen=True)
+class GemmVariant:
+    """One specialisation of a bottleneck kernel (``linear_gelu`` | ``linear_tail`` fwd/bwd)."""
+
+    kernel: str  # "linear_gelu" | "tail_fwd" | "tail_bwd"
+    cc: int
+    dtype: str
+    flags: tuple[tuple[str, bool], ...]  # the kernel's boolean constexprs
+    config: bottleneck.GemmConfig
+
+    max_registers = None
+
+    @property
+    def num_warps(self) -> int:
+        return self.config.num_warps
+
+    @property
+    def num_stages(self) -> int:
+        return self.config.num_stages
+
+    @property
+    def fn(self):
+        return bottleneck._linear_gelu_kernel if self.kernel == "linear_gelu" else bottleneck._linear_tail_kernel
+
+    def source(self) -> ASTSource:
+        t = f"*{self.dtype}"
+        if self.kernel == "linear_gelu":
+            pointers = {"h_ptr": t, "order_ptr": "*i64", "preact_ptr": t, "gelu_ptr": t,
+                        "w1_a": t, "b1_a": t, "w1_b": t, "b1_b": t}
+            scalars = {"D": "i32", "tiles_0": "i32", "size_0": "i32", "size_1": "i32", "first_1": "i32"}
+        else:
+            backward = self.kernel == "tail_bwd"
+            fwd_only = "constexpr" if backward else None
+            bwd_only = None if backward else "constexpr"
+            pointers = {"gelu_ptr": t, "h_ptr": t, "order_ptr": "*i64", "stats_ptr": t,
+                        "out_ptr": fwd_only or t, "kl_partials_ptr": fwd_only or "*fp32",
+                        "grad_out_ptr": bwd_only or t, "grad_kl_ptr": bwd_only or "*fp32",
+                        "grad_stats_ptr": bwd_only or t, "prior_partials_ptr": bwd_only or "*fp32",
+                        "w2_a": t, "b2_a": t, "w2_b": t, "b2_b": t,
+                        "mu_a": "*fp32", "lv_a": "*fp32", "mu_b": "*fp32", "lv_b": "*fp32"}
+            scalars = {"learn_a": "i32", "learn_b": "i32", "D": "i32", "tiles_0": "i32", "size_0": "i32",
+                       "size_1": "i32", "first_1": "i32", "n_tiles": "i32", "alpha": "fp32", "seed": "i64",
+                       "offset_0": "i64", "offset_1": "i64", "clamp_lo": "fp32", "clamp_hi": "fp32",
+                       "kl_logvar_coef": "fp32"}
+        flags = {**dict(self.flags), "DOT_FP32": False, "BLOCK_M": self.config.block_m,
+                 "BLOCK_N": self.config.block_n, "BLOCK_K": self.config.block_k}
+        signature = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
+        constexprs = {**{name: None for name, ty in pointers.items() if ty == "constexpr"}, **flags}
+        aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + ["D"]
+        attrs = {(self.fn.arg_names.index(name),): ALIGNED for name in aligned}
+        return ASTSource(fn=self.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def gemm_variants(full: bool) -> list[GemmVariant]:
+    """Subset (the launches training makes): bf16 on sm_80 and sm_90 with the row gather, sampling and a
+    learnable prior: GEMM1, the forward tail saving stats or not (recompute), the backward tail reading
+    saved stats or recomputing them; plus fp16 on sm_90. Full: every flag combination, bf16 and fp16."""
+    names = {"linear_gelu": ("HAS_ORDER",),
+             "tail_fwd": ("HAS_ORDER", "STATS_OUT", "SAMPLE", "ANY_PRIOR", "ALIGNED4"),
+             "tail_bwd": ("HAS_ORDER", "STATS_IN", "SAMPLE", "ANY_PRIOR", "ALIGNED4")}
+    fixed = {"tail_fwd": {"BACKWARD": False, "STATS_IN": False}, "tail_bwd": {"BACKWARD": True, "STATS_OUT": False}}
+
+    def variant(kernel, cc, dtype, values):
+        config = bottleneck.GPU_CONFIGS["linear_gelu" if kernel == "linear_gelu" else "linear_tail"]
+        return GemmVariant(kernel, cc, dtype, tuple({**fixed.get(kernel, {}), **values}.items()), config)
+
+    if full:
+        return [variant(kernel, cc, dtype, dict(zip(flag_names, values)))
+                for kernel, flag_names in names.items() for cc in (80, 90) for dtype in ("bf16", "fp16")
+                for values in itertools.product((True, False), repeat=len(flag_names))]
+    training = {kernel: dict.fromkeys(flag_names, True) for kernel, flag_names in names.items()}
+    shapes = [("linear_gelu", training["linear_gelu"]), ("tail_fwd", training["tail_fwd"]),
+              ("tail_fwd", training["tail_fwd"] | {"STATS_OUT": False}), ("tail_bwd", training["tail_bwd"]),
+              ("tail_bwd", training["tail_bwd"] | {"STATS_IN": False})]
+    chosen = [variant(kernel, cc, "bf16", values) for cc in (80, 90) for kernel, values in shapes]
+    return chosen + [variant(kernel, 90, "fp16", values) for kernel, values in shapes]
+
+
 def _widest_access_bytes(ptx: str, kind: str) -> int:
     """Bytes moved by the widest ``ld.global`` / ``st.global`` instruction of the PTX."""
     accesses = re.findall(rf"\b{kind}\.global(?:\.nc)?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)
@@ -114,8 +194,9 @@ def resource_usage(variant: Variant, workdir: Path) -> dict:
     with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(ptxas_log):
         knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
         knobs.nvidia.dump_ptxas_log = True  # Triton prints the `ptxas -v` output of its own call
-        compiled = triton.compile(variant.source(), target=GPUTarget("cuda", variant.cc, 32),
-                                  options={"num_warps": variant.num_warps, "maxnreg": variant.max_registers})
+        options = {"num_warps": variant.num_warps, "maxnreg": variant.max_registers,
+                   "num_stages": getattr(variant, "num_stages", 3)}
+        compiled = triton.compile(variant.source(), target=GPUTarget("cuda", variant.cc, 32), options=options)
     cubin = workdir / f"{variant.kernel}_sm{variant.cc}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run([str(NVIDIA_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
@@ -142,19 +223,35 @@ def table_row(variant: Variant, usage: dict) -> list:
             usage["ld_bytes"], usage["st_bytes"]]
 
 
+GEMM_COLUMNS = ("kernel", "sm", "dtype", "flags", "BLOCK_M", "BLOCK_N", "BLOCK_K", "warps", "stages",
+                "regs", "spill B", "stack B", "local B", "shared B", "widest ld B", "widest st B")
+
+
+def gemm_table_row(variant: GemmVariant, usage: dict) -> list:
+    on = ",".join(name for name, value in variant.flags if value) or "-"
+    c = variant.config
+    return [variant.kernel, variant.cc, variant.dtype, on, c.block_m, c.block_n, c.block_k, c.num_warps,
+            c.num_stages, usage["regs"], usage["spill_bytes"], usage["stack"], usage["local"], usage["shared"],
+            usage["ld_bytes"], usage["st_bytes"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every variant, not the representative subset")
+    parser.add_argument("--op", choices=("vib_sample_kl", "vib_bottleneck"), default="vib_sample_kl",
+                        help="which op's kernels (default vib_sample_kl)")
     args = parser.parse_args(argv)
     if op.interpreting():
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the jit functions")
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    spilled, start, chosen = 0, time.perf_counter(), variants(args.full)
+    columns, row_of = (COLUMNS, table_row) if args.op == "vib_sample_kl" else (GEMM_COLUMNS, gemm_table_row)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    chosen = variants(args.full) if args.op == "vib_sample_kl" else gemm_variants(args.full)
+    spilled, start = 0, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for variant in chosen:
             usage = resource_usage(variant, Path(tmp))
-            print("| " + " | ".join(str(cell) for cell in table_row(variant, usage)) + " |", flush=True)
+            print("| " + " | ".join(str(cell) for cell in row_of(variant, usage)) + " |", flush=True)
             spilled += usage["spill_bytes"] > 0 or usage["local"] > 0
     print(f"\n{len(chosen)} variants, {spilled} spilling, {time.perf_counter() - start:.0f} s")
     return 1 if spilled else 0

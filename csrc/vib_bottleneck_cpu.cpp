@@ -1,0 +1,170 @@
+// CPU kernel of the fused bottleneck: rows in cache-sized blocks.
+//
+// For each block of a group's rows: gather h's rows, GEMM1 with the bias (addmm, BLAS through ATen),
+// GELU, GEMM2 with the bias into the block's stats, then the sampling/KL tail (the vib_sample_kl CPU
+// kernel) while the block is still in cache, and scatter z_hat to the block's rows. `stats` never
+// exists for all rows at once unless it is saved for backward (recompute = false).
+//
+// Backward, block by block in the same order: stats (saved or recomputed), the tail's backward
+// (dstats), then the weight gradients accumulated over blocks in fp32 in a fixed order, GELU's
+// backward and the dgrad GEMMs, dh = (1 - alpha) dz + dA w1 scattered to the block's rows.
+// Blocks hold a multiple of 4 rows, so every block starts on a Philox counter boundary: its noise is
+// the tail's noise with offset + first_row * D / 4 (the contract's stream, docs/DESIGN.md §2).
+#include "vib_bottleneck.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace vittle_fast {
+namespace {
+
+// Working set of one block (h, preact, GELU, stats rows in fp32 terms) that should stay in cache.
+constexpr int64_t kBlockBytes = int64_t{4} << 20;
+constexpr int64_t kMinBlockRows = 64;
+constexpr int64_t kMaxBlockRows = 1024;
+
+int64_t block_rows(int64_t dim) {
+  const int64_t rows = kBlockBytes / (static_cast<int64_t>(sizeof(float)) * 4 * dim);
+  return std::clamp<int64_t>(rows, kMinBlockRows, kMaxBlockRows) / 4 * 4;  // a multiple of 4 (see above)
+}
+
+// One block: rows [first, first + size) of `order` (or of h when `order` is None), all in one group.
+struct Block {
+  const BottleneckGroup& group;
+  int64_t first;   // index into order / preact / stats / kl
+  int64_t size;
+  int64_t start;   // row of the block within its group
+
+  FusedCall tail_call(const BottleneckCall& call) const {
+    const uint64_t counter_shift = static_cast<uint64_t>(start) * static_cast<uint64_t>(call.dim) / 4;
+    return {size, call.dim, call.scalars, call.seed, group.offset + counter_shift, group.prior_mu.has_value()};
+  }
+};
+
+template <typename Fn>
+void for_each_block(const std::vector<BottleneckGroup>& groups, int64_t dim, Fn&& fn) {
+  const int64_t rows = block_rows(dim);
+  for (const BottleneckGroup& group : groups) {
+    for (int64_t start = 0; start < group.size; start += rows) {
+      fn(Block{group, group.first + start, std::min(rows, group.size - start), start});
+    }
+  }
+}
+
+// The block's rows of `x` ([N, D]) as a contiguous [size, D] tensor.
+at::Tensor gather(const at::Tensor& x, const OptionalTensor& order, const Block& block) {
+  if (!order.has_value()) return x.narrow(0, block.first, block.size);
+  return x.index_select(0, order->narrow(0, block.first, block.size));
+}
+
+void scatter(at::Tensor& out, const OptionalTensor& order, const Block& block, const at::Tensor& rows) {
+  if (order.has_value()) {
+    out.index_copy_(0, order->narrow(0, block.first, block.size), rows);
+  } else {
+    out.narrow(0, block.first, block.size).copy_(rows);
+  }
+}
+
+// Output rows not listed in `order` keep the input's value; when every row is listed, nothing to copy.
+at::Tensor output_like(const at::Tensor& source, const OptionalTensor& order, const BottleneckCall& call) {
+  return order.has_value() && call.n_order < call.n_rows ? source.clone() : at::empty_like(source);
+}
+
+// acc (fp32) += a b, in one GEMM when the operands are fp32 already.
+void accumulate_mm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+  } else {
+    acc.add_(at::mm(a, b));
+  }
+}
+
+// stats of the block into `stats_rows` ([size, 2D]): GEMM2 with the bias, from the GELU activations.
+void second_linear(const at::Tensor& gelu, const BottleneckGroup& group, at::Tensor& stats_rows) {
+  at::addmm_out(stats_rows, group.b2, gelu, group.w2.t());
+}
+
+}  // namespace
+
+BottleneckForwardResult bottleneck_forward_cpu(const at::Tensor& h, const OptionalTensor& order,
+                                               const std::vector<BottleneckGroup>& groups,
+                                               const BottleneckCall& call) {
+  const int64_t m = call.n_order;
+  const int64_t d = call.dim;
+  at::Tensor out = output_like(h, order, call);
+  at::Tensor kl = at::empty({m}, h.options().dtype(at::kFloat));
+  at::Tensor preact = at::empty({m, d}, h.options());
+  at::Tensor stats = at::empty({call.recompute ? 0 : m, 2 * d}, h.options());
+  at::Tensor scratch = call.recompute ? at::empty({std::min(m, block_rows(d)), 2 * d}, h.options()) : at::Tensor();
+  for_each_block(groups, d, [&](const Block& block) {
+    const at::Tensor h_rows = gather(h, order, block);
+    at::Tensor preact_rows = preact.narrow(0, block.first, block.size);
+    at::addmm_out(preact_rows, block.group.b1, h_rows, block.group.w1.t());
+    at::Tensor stats_rows = call.recompute ? scratch.narrow(0, 0, block.size) : stats.narrow(0, block.first, block.size);
+    second_linear(at::gelu(preact_rows), block.group, stats_rows);
+    auto [z_hat, kl_rows] = forward_cpu(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar,
+                                        block.tail_call(call));
+    kl.narrow(0, block.first, block.size).copy_(kl_rows);
+    scatter(out, order, block, z_hat);
+  });
+  return {out, kl, preact, stats};
+}
+
+BottleneckBackwardResult bottleneck_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_kl,
+                                                 const at::Tensor& h, const OptionalTensor& order,
+                                                 const std::vector<BottleneckGroup>& groups,
+                                                 const BottleneckCall& call, const at::Tensor& preact,
+                                                 const at::Tensor& stats) {
+  const int64_t d = call.dim;
+  const auto fp32 = h.options().dtype(at::kFloat);
+  at::Tensor grad_h = output_like(grad_out, order, call);
+  // fp32 accumulators per group, summed block by block in a fixed order.
+  std::vector<at::Tensor> gw1, gb1, gw2, gb2, gmu, glv;
+  for (const BottleneckGroup& group : groups) {
+    gw1.push_back(at::zeros({d, d}, fp32));
+    gb1.push_back(at::zeros({d}, fp32));
+    gw2.push_back(at::zeros({2 * d, d}, fp32));
+    gb2.push_back(at::zeros({2 * d}, fp32));
+    const int64_t prior_size = group.prior_mu.has_value() ? d : 0;
+    gmu.push_back(at::zeros({prior_size}, fp32));
+    glv.push_back(at::zeros({prior_size}, fp32));
+  }
+  at::Tensor scratch =
+      call.recompute ? at::empty({std::min(call.n_order, block_rows(d)), 2 * d}, h.options()) : at::Tensor();
+  for_each_block(groups, d, [&](const Block& block) {
+    const size_t g = static_cast<size_t>(&block.group - groups.data());
+    const at::Tensor preact_rows = preact.narrow(0, block.first, block.size);
+    const at::Tensor gelu = at::gelu(preact_rows);
+    at::Tensor stats_rows;
+    if (call.recompute) {
+      stats_rows = scratch.narrow(0, 0, block.size);
+      second_linear(gelu, block.group, stats_rows);
+    } else {
+      stats_rows = stats.narrow(0, block.first, block.size);
+    }
+    auto [grad_h_rows, grad_stats, grad_mu_p, grad_lv_p] =
+        backward_cpu(gather(grad_out, order, block), grad_kl.narrow(0, block.first, block.size), stats_rows,
+                     block.group.prior_mu, block.group.prior_logvar, block.tail_call(call));
+    if (block.group.prior_mu.has_value()) {
+      gmu[g].add_(grad_mu_p);
+      glv[g].add_(grad_lv_p);
+    }
+    accumulate_mm(gw2[g], grad_stats.t(), gelu);
+    gb2[g].add_(at::sum(grad_stats, {0}, false, at::kFloat));
+    const at::Tensor grad_preact = at::gelu_backward(at::mm(grad_stats, block.group.w2), preact_rows);
+    accumulate_mm(gw1[g], grad_preact.t(), gather(h, order, block));
+    gb1[g].add_(at::sum(grad_preact, {0}, false, at::kFloat));
+    grad_h_rows.addmm_(grad_preact, block.group.w1);  // (1 - alpha) dz + dA w1
+    scatter(grad_h, order, block, grad_h_rows);
+  });
+  for (size_t g = 0; g < groups.size(); ++g) {
+    gw1[g] = gw1[g].to(h.scalar_type());
+    gb1[g] = gb1[g].to(h.scalar_type());
+    gw2[g] = gw2[g].to(h.scalar_type());
+    gb2[g] = gb2[g].to(h.scalar_type());
+  }
+  return {grad_h, gw1, gb1, gw2, gb2, gmu, glv};
+}
+
+}  // namespace vittle_fast
