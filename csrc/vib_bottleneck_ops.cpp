@@ -23,6 +23,7 @@ void check_param(const at::Tensor& t, const char* name, int64_t g, at::IntArrayR
 std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
     const at::Tensor& h, const OptionalTensor& order, at::IntArrayRef group_sizes, at::TensorList w1s,
     at::TensorList b1s, at::TensorList w2s, at::TensorList b2s, double alpha, int64_t seed, at::IntArrayRef offsets,
+    const OptionalTensor& alpha_t, const OptionalTensor& seed_t, const OptionalTensor& offsets_t,
     at::TensorList prior_mus, at::TensorList prior_logvars, double clamp_lo, double clamp_hi,
     double kl_logvar_coef, bool sample, bool recompute) {
   TORCH_CHECK(h.dim() == 2 && h.size(1) >= 1 && h.is_contiguous(), "h must be a contiguous [N, D] tensor, got ",
@@ -37,6 +38,16 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
                   b2s.size() == n_groups && offsets.size() == n_groups && prior_mus.size() == n_groups &&
                   prior_logvars.size() == n_groups,
               "one weight set, offset and prior entry per group expected (", n_groups, " groups)");
+  // Tensor scalars (ops/scalars.py) of a CPU call are read here; offsets_t holds one offset per group.
+  for (const auto& [tensor, dtype, shape] : {std::tuple{alpha_t, at::kFloat, std::vector<int64_t>{}},
+                                             std::tuple{seed_t, at::kLong, std::vector<int64_t>{}},
+                                             std::tuple{offsets_t, at::kLong, std::vector<int64_t>{int64_t(n_groups)}}}) {
+    TORCH_CHECK(!tensor.has_value() || (tensor->scalar_type() == dtype && tensor->sizes() == at::IntArrayRef(shape) &&
+                                        tensor->is_cpu()),
+                "alpha_t / seed_t / offsets_t must be CPU tensors: 0-dim float32, 0-dim int64, int64 [groups]");
+  }
+  if (alpha_t.has_value()) alpha = alpha_t->item<float>();
+  if (seed_t.has_value()) seed = seed_t->item<int64_t>();
   std::vector<BottleneckGroup> groups;
   int64_t first = 0;
   for (size_t g = 0; g < n_groups; ++g) {
@@ -55,9 +66,10 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
                                          prior->is_contiguous() && prior->device() == h.device()),
                   "priors of group ", g, " must be contiguous float32 [D] tensors on h's device");
     }
-    TORCH_CHECK(group_sizes[g] >= 0 && offsets[g] >= 0, "group_sizes and offsets must be >= 0");
+    const int64_t offset = offsets_t.has_value() ? (*offsets_t)[gi].item<int64_t>() : offsets[g];
+    TORCH_CHECK(group_sizes[g] >= 0 && (offsets_t.has_value() || offset >= 0), "group_sizes and offsets must be >= 0");
     groups.push_back({group_sizes[g], first, w1s[g], b1s[g], w2s[g], b2s[g], prior_mu, prior_logvar,
-                      static_cast<uint64_t>(offsets[g])});
+                      static_cast<uint64_t>(offset)});
     first += group_sizes[g];
   }
   if (order.has_value()) {
@@ -67,7 +79,7 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
   } else {
     TORCH_CHECK(first == n, "without order, the groups must cover the N = ", n, " rows of h");
   }
-  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK(alpha_t.has_value() || (alpha >= 0.0 && alpha <= 1.0), "alpha must be in [0, 1], got ", alpha);
   TORCH_CHECK(!std::isnan(clamp_lo) && !std::isnan(clamp_hi) && clamp_lo <= clamp_hi,
               "clamp_lo must be <= clamp_hi, got ", clamp_lo, ", ", clamp_hi);
   const OpScalars scalars{static_cast<float>(alpha), static_cast<float>(clamp_lo), static_cast<float>(clamp_hi),
@@ -78,10 +90,12 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
 BottleneckForwardResult vib_bottleneck_fwd(const at::Tensor& h, const OptionalTensor& order,
                                            at::IntArrayRef group_sizes, at::TensorList w1s, at::TensorList b1s,
                                            at::TensorList w2s, at::TensorList b2s, double alpha, int64_t seed,
-                                           at::IntArrayRef offsets, at::TensorList prior_mus,
+                                           at::IntArrayRef offsets, const OptionalTensor& alpha_t,
+                                           const OptionalTensor& seed_t, const OptionalTensor& offsets_t,
+                                           at::TensorList prior_mus,
                                            at::TensorList prior_logvars, double clamp_lo, double clamp_hi,
                                            double kl_logvar_coef, bool sample, bool recompute) {
-  const auto [groups, call] = make_groups(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus,
+  const auto [groups, call] = make_groups(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t, offsets_t, prior_mus,
                                           prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute);
   return bottleneck_forward_cpu(h, order, groups, call);
 }
@@ -90,11 +104,12 @@ BottleneckBackwardResult vib_bottleneck_bwd(const at::Tensor& grad_out, const at
                                             const OptionalTensor& order, at::IntArrayRef group_sizes,
                                             at::TensorList w1s, at::TensorList b1s, at::TensorList w2s,
                                             at::TensorList b2s, double alpha, int64_t seed, at::IntArrayRef offsets,
-                                            at::TensorList prior_mus,
+                                            const OptionalTensor& alpha_t, const OptionalTensor& seed_t,
+                                            const OptionalTensor& offsets_t, at::TensorList prior_mus,
                                             at::TensorList prior_logvars, double clamp_lo,
                                             double clamp_hi, double kl_logvar_coef, bool sample, bool recompute,
                                             const at::Tensor& preact, const at::Tensor& stats) {
-  const auto [groups, call] = make_groups(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus,
+  const auto [groups, call] = make_groups(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t, offsets_t, prior_mus,
                                           prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute);
   TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() && grad_out.is_contiguous(),
               "grad_out must be a contiguous tensor like h");
@@ -113,13 +128,14 @@ BottleneckBackwardResult vib_bottleneck_bwd(const at::Tensor& grad_out, const at
 TORCH_LIBRARY_FRAGMENT(vittle_fast, m) {
   m.def(
       "vib_bottleneck_fwd(Tensor h, Tensor? order, int[] group_sizes, Tensor[] w1s, Tensor[] b1s, Tensor[] w2s, "
-      "Tensor[] b2s, float alpha, int seed, int[] offsets, Tensor[] prior_mus, Tensor[] prior_logvars, "
+      "Tensor[] b2s, float alpha, int seed, int[] offsets, Tensor? alpha_t, Tensor? seed_t, Tensor? offsets_t, "
+      "Tensor[] prior_mus, Tensor[] prior_logvars, "
       "float clamp_lo, float clamp_hi, float kl_logvar_coef, bool sample, bool recompute) "
       "-> (Tensor out, Tensor kl, Tensor preact, Tensor stats)");
   m.def(
       "vib_bottleneck_bwd(Tensor grad_out, Tensor grad_kl, Tensor h, Tensor? order, int[] group_sizes, "
       "Tensor[] w1s, Tensor[] b1s, Tensor[] w2s, Tensor[] b2s, float alpha, int seed, int[] offsets, "
-      "Tensor[] prior_mus, Tensor[] prior_logvars, float clamp_lo, float clamp_hi, float kl_logvar_coef, "
+      "Tensor? alpha_t, Tensor? seed_t, Tensor? offsets_t, Tensor[] prior_mus, Tensor[] prior_logvars, float clamp_lo, float clamp_hi, float kl_logvar_coef, "
       "bool sample, bool recompute, Tensor preact, Tensor stats) "
       "-> (Tensor grad_h, Tensor[] grad_w1s, Tensor[] grad_b1s, Tensor[] grad_w2s, Tensor[] grad_b2s, "
       "Tensor[] grad_prior_mus, Tensor[] grad_prior_logvars)");

@@ -267,26 +267,65 @@ def test_saved_for_backward_within_budget(backend):
 # ---------------------------------------------------------------------------------------------
 # torch.library / torch.compile plumbing
 # ---------------------------------------------------------------------------------------------
-def op_args(backend, learnable, recompute):
+def op_args(backend, learnable, recompute, tensor_scalars):
     h, order, weights, priors, grad_out, grad_kl = make_case(11, 6, torch.float32, [4, 5], learnable)
     w1s, b1s, w2s, b2s = ([w[i] for w in weights] for i in range(4))
     no_prior = torch.empty(0)  # the convention below the public API
     mus = [no_prior if p is None else p[0] for p in priors]
     logvars = [no_prior if p is None else p[1] for p in priors]
-    forward = (h, order, [4, 5], w1s, b1s, w2s, b2s, ALPHA, 7, [3, 1 << 20], mus, logvars, -2.3025, 2.3025, 1.0,
-               True, recompute, backend)
+    scalars = (ALPHA, 7, [3, 1 << 20], None, None, None)
+    if tensor_scalars:  # (value placeholders, tensors): ops/scalars.py
+        scalars = (0.0, 0, [0, 0], torch.tensor(ALPHA), torch.tensor(7), torch.tensor([3, 1 << 20]))
+    forward = (h, order, [4, 5], w1s, b1s, w2s, b2s, *scalars, mus, logvars, -2.3025, 2.3025, 1.0, True, recompute,
+               backend)
     return forward, grad_out, grad_kl
 
 
 @pytest.mark.parametrize("backend", FAST_KERNELS)
-@pytest.mark.parametrize("learnable,recompute", [([False, False], False), ([True, False], True)])
-def test_opcheck(backend, learnable, recompute):
-    forward, grad_out, grad_kl = op_args(backend, learnable, recompute)
+@pytest.mark.parametrize("learnable,recompute,tensor_scalars", [([False, False], False, False),
+                                                                ([True, False], True, True)])
+def test_opcheck(backend, learnable, recompute, tensor_scalars):
+    forward, grad_out, grad_kl = op_args(backend, learnable, recompute, tensor_scalars)
     leaf = lambda t: t.clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     args = [[leaf(t) for t in a] if isinstance(a, list) else leaf(a) for a in forward]
     torch.library.opcheck(_bottleneck_forward, tuple(args))
     out, kl, preact, stats = _bottleneck_forward(*forward)
     torch.library.opcheck(_bottleneck_backward, (grad_out, grad_kl, *forward[:-1], preact, stats, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_scalars_equal_python_scalars_bitwise(backend):
+    """alpha / seed / offsets as 0-dim tensors (ops/scalars.py) give exactly the Python-scalar results,
+    also for a seed >= 2**63 (its int64 view) and a mix of tensor and Python offsets."""
+    h, order, weights, priors, grad_out, grad_kl = make_case(13, 8, torch.float32, [6, 5], [True, False])
+    seed, offsets = 2**63 + 5, [9, 1 << 33]
+    results = []
+    for alpha_, seed_, offsets_ in ((ALPHA, seed, offsets),
+                                    (torch.tensor(ALPHA), torch.tensor(seed - 2**64), [offsets[0], torch.tensor(offsets[1])])):
+        leaf_h, leaf_w, leaf_p, flat = leaves_of(h, weights, priors)
+        out, kl = vib_bottleneck_grouped(leaf_h, order, [6, 5], leaf_w, alpha_, seed=seed_, offsets=offsets_,
+                                         priors=leaf_p, backend=backend)
+        results.append([out, kl, *torch.autograd.grad((out, kl), flat, (grad_out, grad_kl))])
+    for python, tensor in zip(*results):
+        assert torch.equal(python, tensor)
+
+
+@pytest.mark.parametrize("backend", FAST_KERNELS)
+def test_compiled_step_does_not_recompile_as_alpha_seed_offsets_move(backend):
+    h, order, weights, priors, _, _ = make_case(12, 9, torch.float32, [5, 7], [True, False])
+    counts = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+    def step(h, alpha, seed, offset):
+        out, kl = vib_bottleneck_grouped(h, order, [5, 7], weights, alpha, seed=seed, offsets=[offset, offset + 64],
+                                         priors=priors, backend=backend)
+        return out.sum() + kl.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for i in range(5):
+        torch.testing.assert_close(compiled(h, 0.1 * i, 100 + i, 8 * i), step(h, 0.1 * i, 100 + i, 8 * i),
+                                   **TOL["float32"])
+    assert counts["stats"]["unique_graphs"] <= 2, dict(counts["stats"])
 
 
 @pytest.mark.parametrize("backend", FAST_KERNELS)
@@ -342,7 +381,7 @@ BAD_GROUPED = {
     "h integer": (dict(h=torch.ones(6, D, dtype=torch.int64)), TypeError, "h"),
     "alpha": (dict(alpha=2.0), ValueError, "alpha"),
     "seed": (dict(seed=-1), ValueError, "seed"),
-    "offset": (dict(offsets=[0, -1]), ValueError, "offsets"),
+    "offset": (dict(offsets=[0, -1]), ValueError, "offset"),
     "kl form": (dict(kl_form="paper"), ValueError, "kl_form"),
     "recompute": (dict(recompute=1), TypeError, "recompute"),
 }

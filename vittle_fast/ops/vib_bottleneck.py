@@ -22,17 +22,18 @@ import torch
 
 from .philox import normal_noise
 from .reference import KL_LOGVAR_COEF, vib_bottleneck_grouped_reference
-from .vib_sample_kl import _check_int, _check_tensor, _launcher, _validate_tail_options, resolve_backend
+from .scalars import scalar_args, value_or_tensor
+from .vib_sample_kl import _check_tensor, _launcher, _validate_tail_options, resolve_backend
 
-_UINT64_RANGE = 2**64
-_INT64_RANGE = 2**63
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------
 # Custom ops (what torch.compile and autograd see). Argument order everywhere: the functional
 # API's, with the per-group lists unpacked: h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed,
-# offsets, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute.
+# offsets, alpha_t, seed_t, offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef,
+# sample, recompute. Scalars follow ops/scalars.py: a (value, tensor or None) pair each; offsets_t is
+# None or an int64 [groups] tensor. The launchers take the value or the tensor.
 # "No prior" is None in the public API and an empty [0] float32 tensor below it, in the inputs and
 # in the gradient outputs alike (autograd cannot route gradients through a list holding None).
 # --------------------------------------------------------------------------------------------
@@ -48,6 +49,9 @@ def _bottleneck_forward(
     alpha: float,
     seed: int,
     offsets: list[int],
+    alpha_t: torch.Tensor | None,
+    seed_t: torch.Tensor | None,
+    offsets_t: torch.Tensor | None,
     prior_mus: list[torch.Tensor],
     prior_logvars: list[torch.Tensor],
     clamp_lo: float,
@@ -60,14 +64,16 @@ def _bottleneck_forward(
     """``(out [N, D], kl [M] fp32, preact [M, D], stats [M or 0, 2D])``; the last two are saved for
     backward (``order=None``: one group of all rows, in order)."""
     return _launcher(backend).vib_bottleneck_forward(
-        h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus, prior_logvars,
-        clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute,
+        h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t),
+        value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample,
+        recompute,
     )
 
 
 @_bottleneck_forward.register_fake
-def _bottleneck_forward_fake(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus,
-                             prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute, backend):
+def _bottleneck_forward_fake(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t,
+                             offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample,
+                             recompute, backend):
     m, d = sum(group_sizes), h.shape[1]
     return (torch.empty_like(h), h.new_empty((m,), dtype=torch.float32), h.new_empty((m, d)),
             h.new_empty((0 if recompute else m, 2 * d)))
@@ -87,6 +93,9 @@ def _bottleneck_backward(
     alpha: float,
     seed: int,
     offsets: list[int],
+    alpha_t: torch.Tensor | None,
+    seed_t: torch.Tensor | None,
+    offsets_t: torch.Tensor | None,
     prior_mus: list[torch.Tensor],
     prior_logvars: list[torch.Tensor],
     clamp_lo: float,
@@ -102,38 +111,39 @@ def _bottleneck_backward(
     """``(grad_h, grad_w1s, grad_b1s, grad_w2s, grad_b2s, grad_prior_mus, grad_prior_logvars)``; a
     group without a prior gets empty ``[0]`` prior gradients."""
     return _launcher(backend).vib_bottleneck_backward(
-        grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus,
-        prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute, preact, stats,
+        grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t),
+        value_or_tensor(seed, seed_t), value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo,
+        clamp_hi, kl_logvar_coef, sample, recompute, preact, stats,
     )
 
 
 @_bottleneck_backward.register_fake
 def _bottleneck_backward_fake(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets,
-                              prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute,
-                              preact, stats, backend):
+                              alpha_t, seed_t, offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi,
+                              kl_logvar_coef, sample, recompute, preact, stats, backend):
     prior_grads = [torch.empty_like(p) for p in prior_mus]
     return (torch.empty_like(h), [torch.empty_like(w) for w in w1s], [torch.empty_like(b) for b in b1s],
             [torch.empty_like(w) for w in w2s], [torch.empty_like(b) for b in b2s], prior_grads,
             [torch.empty_like(g) for g in prior_grads])
 
 
-_SCALAR_ARGS = ("alpha", "seed", "offsets")
 _OPTION_ARGS = ("clamp_lo", "clamp_hi", "kl_logvar_coef", "sample", "recompute", "backend")
 
 
 def _setup_context(ctx, inputs, output):
-    (h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus, prior_logvars,
-     *options) = inputs
+    (h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t, offsets_t, prior_mus,
+     prior_logvars, *options) = inputs
     _, _, preact, stats = output
     ctx.mark_non_differentiable(preact, stats)
     ctx.n_groups = len(group_sizes)
-    ctx.save_for_backward(h, order, preact, stats, *w1s, *b1s, *w2s, *b2s, *prior_mus, *prior_logvars)
+    ctx.save_for_backward(h, order, preact, stats, alpha_t, seed_t, offsets_t, *w1s, *b1s, *w2s, *b2s, *prior_mus,
+                          *prior_logvars)
     ctx.args = dict(group_sizes=group_sizes, alpha=alpha, seed=seed, offsets=offsets,
                     **dict(zip(_OPTION_ARGS, options)))
 
 
 def _backward(ctx, grad_out, grad_kl, _grad_preact, _grad_stats):
-    h, order, preact, stats, *rest = ctx.saved_tensors
+    h, order, preact, stats, alpha_t, seed_t, offsets_t, *rest = ctx.saved_tensors
     g = ctx.n_groups
     w1s, b1s, w2s, b2s, prior_mus, prior_logvars = (list(rest[i * g:(i + 1) * g]) for i in range(6))
     if grad_out is None:
@@ -143,10 +153,10 @@ def _backward(ctx, grad_out, grad_kl, _grad_preact, _grad_stats):
     a = ctx.args
     grad_h, gw1, gb1, gw2, gb2, gmu, glv = _bottleneck_backward(
         grad_out.contiguous(), grad_kl.float().contiguous(), h, order, a["group_sizes"], w1s, b1s, w2s, b2s,
-        a["alpha"], a["seed"], a["offsets"], prior_mus, prior_logvars, a["clamp_lo"],
+        a["alpha"], a["seed"], a["offsets"], alpha_t, seed_t, offsets_t, prior_mus, prior_logvars, a["clamp_lo"],
         a["clamp_hi"], a["kl_logvar_coef"], a["sample"], a["recompute"], preact, stats, a["backend"],
     )
-    return (grad_h, None, None, gw1, gb1, gw2, gb2, None, None, None, gmu, glv) + (None,) * len(_OPTION_ARGS)
+    return (grad_h, None, None, gw1, gb1, gw2, gb2) + (None,) * 6 + (gmu, glv) + (None,) * len(_OPTION_ARGS)
 
 
 _bottleneck_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -207,27 +217,30 @@ def _check_order(order, h: torch.Tensor, group_sizes) -> None:
         torch._assert_async((hits <= 1).all(), "order has duplicate rows")
 
 
-def _scalars(alpha, seed, offsets) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (float, int)):
-        raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    _check_int("seed", seed, 0, _UINT64_RANGE)
-    for offset in offsets:
-        _check_int("offsets" if len(offsets) > 1 else "offset", offset, 0, _INT64_RANGE)
+def _scalars(alpha, seed, offsets, device) -> tuple:
+    """``alpha, seed, offsets, alpha_t, seed_t, offsets_t`` of the custom ops (ops/scalars.py); any
+    offset given as a tensor puts all of them in one int64 [groups] tensor."""
+    per_group = [scalar_args(alpha, seed, offset, device) for offset in offsets] or [scalar_args(alpha, seed, 0, device)]
+    first = per_group[0]
+    offsets_t = None
+    if any(s.offset_t is not None for s in per_group):
+        offsets_t = torch.stack([s.offset_t if s.offset_t is not None else torch.full((), s.offset, device=device)
+                                 for s in per_group])
+    return first.alpha, first.seed, [s.offset for s in per_group][:len(offsets)], first.alpha_t, first.seed_t, offsets_t
 
 
-def _run(h, order, group_sizes, weights, alpha, seed, offsets, priors, logvar_clamp, kl_form, sample, backend,
-         recompute):
+def _run(h, order, group_sizes, weights, scalars, priors, logvar_clamp, kl_form, sample, backend, recompute):
     """Validated arguments -> the reference composition or the custom op. h is [N, D]."""
     backend = resolve_backend(backend, h.device.type)
+    alpha, seed, offsets, alpha_t, seed_t, offsets_t = scalars
     if backend == "reference":
         rows = order if order is not None else torch.arange(h.shape[0], device=h.device)
-        noises = [normal_noise(seed, off, size, h.shape[1], device=h.device) if sample else None
-                  for size, off in zip(group_sizes, offsets)]
+        offset_of = (lambda g: offsets[g]) if offsets_t is None else (lambda g: offsets_t[g])  # noqa: E731
+        noises = [normal_noise(value_or_tensor(seed, seed_t), offset_of(g), size, h.shape[1], device=h.device)
+                  if sample else None for g, size in enumerate(group_sizes)]
         priors_f = [None if p is None else (p[0].float(), p[1].float()) for p in priors]
-        return vib_bottleneck_grouped_reference(h, rows, group_sizes, weights, alpha, noises, priors_f,
-                                                logvar_clamp, kl_form, sample)
+        return vib_bottleneck_grouped_reference(h, rows, group_sizes, weights, value_or_tensor(alpha, alpha_t), noises,
+                                                priors_f, logvar_clamp, kl_form, sample)
     clamp_lo, clamp_hi = (-math.inf, math.inf) if logvar_clamp is None else map(float, logvar_clamp)
     w1s, b1s, w2s, b2s = ([w[i].contiguous() for w in weights] for i in range(4))
     # The kernels read fp32 priors (autograd casts the gradient back); no prior: an empty tensor.
@@ -235,8 +248,7 @@ def _run(h, order, group_sizes, weights, alpha, seed, offsets, priors, logvar_cl
     prior_mus = [no_prior if p is None else p[0].float().contiguous() for p in priors]
     prior_logvars = [no_prior if p is None else p[1].float().contiguous() for p in priors]
     out, kl, _, _ = _bottleneck_forward(
-        h.contiguous(), order, list(group_sizes), w1s, b1s, w2s, b2s, float(alpha),
-        seed - _UINT64_RANGE if seed >= _INT64_RANGE else seed, list(offsets), prior_mus, prior_logvars,
+        h.contiguous(), order, list(group_sizes), w1s, b1s, w2s, b2s, *scalars, prior_mus, prior_logvars,
         clamp_lo, clamp_hi, KL_LOGVAR_COEF[kl_form], sample, recompute, backend,
     )
     return out, kl
@@ -248,10 +260,10 @@ def vib_bottleneck(
     b1: torch.Tensor,
     w2: torch.Tensor,
     b2: torch.Tensor,
-    alpha: float,
+    alpha: float | torch.Tensor,
     *,
-    seed: int,
-    offset: int = 0,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor = 0,
     prior_mu: torch.Tensor | None = None,
     prior_logvar: torch.Tensor | None = None,
     logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025),
@@ -266,7 +278,8 @@ def vib_bottleneck(
         h: ``[..., D]`` hidden states (float32 / bfloat16 / float16).
         w1, b1, w2, b2: the MLP in ``nn.Linear`` layout, ``[D, D]``, ``[D]``, ``[2D, D]``, ``[2D]``, h's dtype.
         alpha, seed, offset, prior_mu, prior_logvar, logvar_clamp, kl_form, sample, backend: as in
-            ``vib_sample_kl`` (docs/DESIGN.md §2).
+            ``vib_sample_kl`` (docs/DESIGN.md §2); alpha / seed / offset each a Python scalar or a 0-dim
+            tensor on h's device (``vittle_fast.ops.scalars``).
         recompute: save only the GELU pre-activation for backward and recompute ``stats`` there.
 
     Returns:
@@ -281,13 +294,13 @@ def vib_bottleneck(
         raise ValueError("prior_mu and prior_logvar must be given together (learnable prior) or both be None")
     prior = None if prior_mu is None else (prior_mu, prior_logvar)
     _check_prior("prior", prior, h)
-    _scalars(alpha, seed, [offset])
+    scalars = _scalars(alpha, seed, [offset], h.device)
     _validate_tail_options(logvar_clamp, kl_form, sample)
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     flat = h.reshape(-1, h.shape[-1])
-    out, kl = _run(flat, None, [flat.shape[0]], [(w1, b1, w2, b2)], alpha, seed, [offset], [prior], logvar_clamp,
-                   kl_form, sample, backend, recompute)
+    out, kl = _run(flat, None, [flat.shape[0]], [(w1, b1, w2, b2)], scalars, [prior], logvar_clamp, kl_form,
+                   sample, backend, recompute)
     return out.reshape(h.shape), kl.reshape(h.shape[:-1])
 
 
@@ -296,10 +309,10 @@ def vib_bottleneck_grouped(
     order: torch.Tensor,
     group_sizes: list[int],
     weights: list[Weights],
-    alpha: float,
+    alpha: float | torch.Tensor,
     *,
-    seed: int,
-    offsets: list[int],
+    seed: int | torch.Tensor,
+    offsets: list[int | torch.Tensor],
     priors: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025),
     kl_form: str = "standard",
@@ -314,7 +327,7 @@ def vib_bottleneck_grouped(
         order: int64 ``[M]``, distinct rows of h: group 0's rows, then group 1's, ... (M <= N).
         group_sizes: host ints, one per group, summing to M.
         weights: per group ``(w1, b1, w2, b2)`` (the module's own parameters, no stacking).
-        offsets: per group Philox counter base. priors: None or per group ``(prior_mu, prior_logvar)`` | None.
+        offsets: per group Philox counter base (Python int or 0-dim int64 tensor). priors: None or per group ``(prior_mu, prior_logvar)`` | None.
         Other arguments as in ``vib_bottleneck``.
 
     Returns:
@@ -337,9 +350,9 @@ def vib_bottleneck_grouped(
     for g in range(n_groups):
         _check_weights(f"weights[{g}]", weights[g], h)
         _check_prior(f"priors[{g}]", priors[g], h)
-    _scalars(alpha, seed, list(offsets))
+    scalars = _scalars(alpha, seed, list(offsets), h.device)
     _validate_tail_options(logvar_clamp, kl_form, sample)
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
-    return _run(h, order, list(group_sizes), list(weights), alpha, seed, list(offsets), list(priors), logvar_clamp,
-                kl_form, sample, backend, recompute)
+    return _run(h, order, list(group_sizes), list(weights), scalars, list(priors), logvar_clamp, kl_form, sample,
+                backend, recompute)

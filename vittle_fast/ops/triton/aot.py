@@ -144,13 +144,15 @@ class GemmVariant:
                         "grad_stats_ptr": bwd_only or t, "prior_partials_ptr": bwd_only or "*fp32",
                         "w2_a": t, "b2_a": t, "w2_b": t, "b2_b": t,
                         "mu_a": "*fp32", "lv_a": "*fp32", "mu_b": "*fp32", "lv_b": "*fp32"}
+            pointers.update(alpha_ptr="constexpr", seed_ptr="constexpr", offsets_ptr="constexpr")  # Python scalars
             scalars = {"learn_a": "i32", "learn_b": "i32", "D": "i32", "tiles_0": "i32", "size_0": "i32",
                        "size_1": "i32", "first_1": "i32", "n_tiles": "i32", "alpha": "fp32", "seed": "i64",
-                       "offset_0": "i64", "offset_1": "i64", "clamp_lo": "fp32", "clamp_hi": "fp32",
-                       "kl_logvar_coef": "fp32"}
+                       "offset_0": "i64", "offset_1": "i64", "group_0": "i32", "group_1": "i32",
+                       "clamp_lo": "fp32", "clamp_hi": "fp32", "kl_logvar_coef": "fp32"}
         flags = {**dict(self.flags), "DOT_FP32": False, "BLOCK_M": self.config.block_m,
                  "BLOCK_N": self.config.block_n, "BLOCK_K": self.config.block_k}
-        signature = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
+        types = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
+        signature = {name: types[name] for name in self.fn.arg_names}  # the kernel's argument order
         constexprs = {**{name: None for name, ty in pointers.items() if ty == "constexpr"}, **flags}
         aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + ["D"]
         attrs = {(self.fn.arg_names.index(name),): ALIGNED for name in aligned}

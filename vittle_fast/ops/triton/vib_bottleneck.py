@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .vib_sample_kl import interpreting
+from .vib_sample_kl import _scalar_launch_args, interpreting
 
 MAX_GROUPS_PER_LAUNCH = 2
 
@@ -157,6 +157,7 @@ def _linear_tail_kernel(
     w2_a, b2_a, w2_b, b2_b, mu_a, lv_a, mu_b, lv_b, learn_a, learn_b,
     D, tiles_0, size_0, size_1, first_1, n_tiles,
     alpha: tl.float32, seed: tl.int64, offset_0: tl.int64, offset_1: tl.int64,
+    alpha_ptr, seed_ptr, offsets_ptr, group_0, group_1,
     clamp_lo: tl.float32, clamp_hi: tl.float32, kl_logvar_coef: tl.float32,
     HAS_ORDER: tl.constexpr, BACKWARD: tl.constexpr, STATS_IN: tl.constexpr, STATS_OUT: tl.constexpr,
     SAMPLE: tl.constexpr, ANY_PRIOR: tl.constexpr, ALIGNED4: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -165,8 +166,16 @@ def _linear_tail_kernel(
     """GEMM2 (mu and log-variance tiles) + the sampling/KL tail, forward or backward (see module doc).
 
     ``STATS_IN``: read the saved ``stats`` instead of recomputing them (backward); ``STATS_OUT``: store
-    them for backward (forward).
+    them for backward (forward). Scalars given as tensors (ops/scalars.py) are read from their pointers;
+    ``offsets_ptr`` holds one offset per group of the call, the launch's are ``group_0`` / ``group_1``.
     """
+    if alpha_ptr is not None:
+        alpha = tl.load(alpha_ptr)
+    if seed_ptr is not None:
+        seed = tl.load(seed_ptr)
+    if offsets_ptr is not None:
+        offset_0 = tl.load(offsets_ptr + group_0)
+        offset_1 = tl.load(offsets_ptr + group_1)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     in_second, local, row_mask, positions = _tile_group(pid_m, tiles_0, size_0, size_1, first_1, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -296,13 +305,17 @@ def _tail_launch(launch, config, m_offset_tensors, w2s, b2s, offsets, prior_mus,
     n_tiles = triton.cdiv(d, config.block_n)
     learn = [launch.pick(prior_mus, i).numel() > 0 and i < len(launch.groups) for i in range(2)]
     grid = (sum(launch.tiles), n_tiles)
+    alpha, seed, _, alpha_ptr, seed_ptr, _ = _scalar_launch_args(kwargs.pop("alpha"), kwargs.pop("seed"), 0)
+    offsets_ptr = offsets if isinstance(offsets, torch.Tensor) else None
+    offset_of = (lambda i: 0) if offsets_ptr is not None else (lambda i: launch.pick(offsets, i))  # noqa: E731
+    groups = [launch.groups[min(i, len(launch.groups) - 1)] for i in range(2)]
     _linear_tail_kernel[grid](
         *m_offset_tensors,
         launch.pick(w2s, 0), launch.pick(b2s, 0), launch.pick(w2s, 1), launch.pick(b2s, 1),
         launch.pick(prior_mus, 0), launch.pick(prior_logvars, 0), launch.pick(prior_mus, 1),
         launch.pick(prior_logvars, 1), int(learn[0]), int(learn[1]),
         d, launch.tiles[0], launch.sizes[0], launch.sizes[1], launch.sizes[0], n_tiles,
-        kwargs.pop("alpha"), kwargs.pop("seed"), launch.pick(offsets, 0), launch.pick(offsets, 1),
+        alpha, seed, offset_of(0), offset_of(1), alpha_ptr, seed_ptr, offsets_ptr, *groups,
         kwargs.pop("clamp_lo"), kwargs.pop("clamp_hi"), kwargs.pop("kl_logvar_coef"),
         ANY_PRIOR=any(learn), ALIGNED4=d % 4 == 0, DOT_FP32=interpreting(),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -393,6 +406,9 @@ def _input_grads(grad_out, grad_stats, h, order, group_sizes, w1s, w2s, alpha, p
     written to the group's rows (cuBLAS GEMMs on a GPU)."""
     grad_h = _output_like(grad_out, order, sum(group_sizes))
     grads = {name: [] for name in ("w1", "b1", "w2", "b2")}
+    alpha, _, _, alpha_t, _, _ = _scalar_launch_args(alpha, 0, 0)  # float32 alpha, as the kernels use it
+    alpha = alpha_t if alpha_t is not None else torch.tensor(alpha, dtype=torch.float32)
+    one_minus_alpha = 1.0 - alpha
     first = 0
     for g, size in enumerate(group_sizes):
         part = slice(first, first + size)
@@ -404,7 +420,8 @@ def _input_grads(grad_out, grad_stats, h, order, group_sizes, w1s, w2s, alpha, p
         grads["b2"].append(grad_part.sum(0, dtype=torch.float32).to(grad_part.dtype))
         grads["w1"].append(grad_preact.t() @ take(h))
         grads["b1"].append(grad_preact.sum(0, dtype=torch.float32).to(grad_preact.dtype))
-        grad_rows = torch.addmm(take(grad_out), grad_preact, w1s[g], beta=1.0 - alpha)
+        # (1 - alpha) dz in fp32 rounded to the dtype (as the tail kernel's grad_h), then + dA W1
+        grad_rows = (take(grad_out).float() * one_minus_alpha).to(grad_out.dtype).addmm_(grad_preact, w1s[g])
         if rows is None:
             grad_h[part] = grad_rows
         else:
