@@ -6,6 +6,8 @@ transformers' CLIPImageProcessorPil for the resize/normalise path.
 """
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -81,6 +83,16 @@ def write_png(path, size=(3, 2), colour=(10, 200, 30)):
     return path.name
 
 
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height pixels and holds no pixel data (a bomb's shape)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path.name
+
+
 # --------------------------------------------------------------------------- templates + labels
 
 def test_vicuna_two_turn_exact_ids_and_label_mask(word_tokenizer, tmp_path):
@@ -135,10 +147,9 @@ def test_non_incremental_chat_template_is_a_config_error():
     # Renders the last message first: a later render does not extend an earlier one.
     tokenizer = build_word_tokenizer(
         chat_template="{% for m in messages|reverse %}{{ m['content'] }} {% endfor %}")
-    ds = make_dataset([{"conversations": TWO_TURNS[2:] + TWO_TURNS[2:]}], tokenizer,
-                      template="chat_template")
-    with pytest.raises(ValueError, match="incrementally"):
-        ds[0]
+    with pytest.raises(ValueError, match="incrementally"):  # at construction, not per record
+        make_dataset([{"conversations": TWO_TURNS[2:] + TWO_TURNS[2:]}], tokenizer,
+                     template="chat_template")
 
 
 def test_byte_level_bpe_labels_decode_to_the_replies(tmp_path):
@@ -160,8 +171,9 @@ def test_byte_level_bpe_labels_decode_to_the_replies(tmp_path):
 
 def test_truncation_keeps_prefix_and_targets(word_tokenizer):
     ds = make_dataset([{"conversations": TWO_TURNS[2:] + TWO_TURNS[2:]}], word_tokenizer,
-                      max_length=8)
+                      max_length=8, truncation="truncate")
     sample = ds[0]
+    assert sample.truncated
     # <s> Sys USER: How many? ASSISTANT: two </s> | cut
     assert sample.input_ids.tolist() == [V[w] for w in
                                          ["<s>", "Sys", "USER:", "How", "many?", "ASSISTANT:", "two", "</s>"]]
@@ -246,7 +258,15 @@ def bad_records(tmp_path):
         ({"image": good_png, "conversations": [{"from": "human", "value": "word " * 40 + "<image>"},
                                                {"from": "gpt", "value": "red"}]}, "too_long"),
         ({"conversations": long_text}, "too_long"),  # the reply lies beyond max_length
+        ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "\ud800"}]},
+         "bad_text"),  # valid JSON; the tokenizer raises TypeError on a lone surrogate
+        ({"image": png_header_only(tmp_path / "bomb.png", 10_000, 10_000), "conversations": one_turn},
+         "image_too_large"),
     ]
+
+
+# Every kind but "truncated" (a kept record; only with truncation="truncate") drops the record.
+DROPPED_KINDS = [kind for kind in SKIP_KINDS if kind != "truncated"]
 
 
 def test_each_bad_record_kind_is_skipped_and_counted(word_tokenizer, tmp_path):
@@ -261,7 +281,8 @@ def test_each_bad_record_kind_is_skipped_and_counted(word_tokenizer, tmp_path):
             assert isinstance(item, Skipped) and item.kind == kind and item.index == i, (i, item)
     batch = LlavaCollator.from_dataset(ds)(items)
     expected = [sum(kind == k for _, kind in cases) for k in SKIP_KINDS]
-    assert batch["n_skipped"].tolist() == expected and min(expected) >= 1
+    assert batch["n_skipped"].tolist() == expected
+    assert min(expected[SKIP_KINDS.index(k)] for k in DROPPED_KINDS) >= 1
     assert batch["input_ids"].shape[0] == 2
 
 

@@ -16,9 +16,10 @@ PAD, TEXT, VISUAL = 0, 1, 2  # modality ids
 
 class LlavaCollator:
     """Build ``input_ids, labels, attention_mask, position_ids, pixel_values, modality_ids``,
-    ``n_skipped`` (int64 ``[len(SKIP_KINDS)]``, skipped records per kind in ``SKIP_KINDS`` order) and
-    the attention layout ``cu_seqlens`` (int32) / ``max_seqlen`` (int) of :func:`varlen_metadata`, so
-    the model's attention needs no host sync to find the sequence boundaries.
+    ``n_skipped`` (int64 ``[len(SKIP_KINDS)]``, bad records per kind in ``SKIP_KINDS`` order; all
+    kinds but ``truncated`` were dropped) and the attention layout ``cu_seqlens`` (int32) /
+    ``max_seqlen`` (int) of :func:`varlen_metadata`, so the model's attention needs no host sync to
+    find the sequence boundaries.
 
     ``pack=False``: one right-padded row per sample. ``pack=True``: all samples concatenated into
     one row whose ``position_ids`` restart at 0 at each sample (the model must keep attention
@@ -59,6 +60,7 @@ class LlavaCollator:
                 n_skipped[SKIP_KINDS.index(item.kind)] += 1
             elif isinstance(item, Sample):
                 samples.append(item)
+                n_skipped[SKIP_KINDS.index("truncated")] += item.truncated
             else:
                 raise TypeError(f"items must be Sample or Skipped, got {type(item).__name__}")
         rows = [samples] if self.pack and samples else [[sample] for sample in samples]

@@ -232,7 +232,8 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int) -> BatchStream:
     d = cfg.data
     dataset = LlavaDataset(d.data_path, tokenizer, image_folder=d.image_folder or None, template=d.template,
                            image_size=image_size, patch_size=patch_size, max_length=d.max_length,
-                           image_token_id=None if d.image_token_id < 0 else d.image_token_id, strict=d.strict)
+                           image_token_id=None if d.image_token_id < 0 else d.image_token_id, strict=d.strict,
+                           truncation=d.truncation, max_image_pixels=d.max_image_pixels)
     if len(dataset) == 0:
         raise ValueError(f"data.data_path {d.data_path!r} holds no records")
     sampler = LengthGroupedSampler(dataset.lengths, dataset.is_multimodal, batch_size=d.micro_batch_size,

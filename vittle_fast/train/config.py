@@ -93,12 +93,16 @@ class DataSection:
     demo_dir: str = opt("outputs/demo_data", "where the demo set lives")
     demo_num_samples: int = opt(1000, "demo training records")
     template: Literal["vicuna_v1", "chat_template"] = opt("vicuna_v1", "prompt template")
-    max_length: int = opt(2048, "tokens per sample after <image> expansion; longer records are skipped")
+    max_length: int = opt(2048, "tokens per sample after <image> expansion (see truncation)")
+    truncation: Literal["skip", "truncate"] = opt("skip", "over-long records: skip them (kind too_long) or cut "
+                                                  "them to max_length (kind truncated; the end token is lost)")
+    max_image_pixels: int = opt(89_478_485, "images with more pixels are refused from their header "
+                                "(kind image_too_large: decompression bombs)")
     micro_batch_size: int = opt(4, "samples per rank per micro-batch")
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
     mega_batch_mult: int = opt(8, "length grouping: sort within groups of this many global batches")
     packing: bool = opt(False, "pack each micro-batch into one row (position ids restart per sample)")
-    strict: bool = opt(False, "raise on a bad record instead of skipping and counting it")
+    strict: bool = opt(False, "raise on a bad record (naming it) instead of skipping and counting it")
     num_workers: int = opt(0, "DataLoader worker processes")
 
 
@@ -177,6 +181,7 @@ class TrainConfig:
             "data.micro_batch_size": self.data.micro_batch_size,
             "data.grad_accum_steps": self.data.grad_accum_steps,
             "data.max_length": self.data.max_length,
+            "data.max_image_pixels": self.data.max_image_pixels,
             "data.mega_batch_mult": self.data.mega_batch_mult,
             "logging.log_every": self.logging.log_every,
             "checkpoint.keep_last": self.checkpoint.keep_last,
