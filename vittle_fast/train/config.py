@@ -122,7 +122,9 @@ class OptimSection:
 class CheckpointSection:
     interval: int = opt(500, "steps between checkpoints; 0 = only at the end")
     keep_last: int = opt(2, "complete checkpoints kept")
-    resume: bool = opt(True, "continue from the latest complete checkpoint in output_dir")
+    resume: bool = opt(True, "continue from the newest checkpoint in output_dir that verifies")
+    fallback: bool = opt(True, "a newest checkpoint that fails verification (manifest size/SHA-256) is moved "
+                         "aside and the previous one is used; false = refuse to start")
     export_safetensors: bool = opt(True, "write OUTPUT_DIR/export/model.safetensors + config at the end")
 
 
