@@ -202,6 +202,12 @@ class BatchStream:
         return {name: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
                 for name, value in batch.items()}  # max_seqlen stays a host int
 
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes now rather than at garbage collection."""
+        iterator, self._iterator = self._iterator, None
+        if hasattr(iterator, "_shutdown_workers"):  # only multi-process iterators have workers
+            iterator._shutdown_workers()
+
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()
 

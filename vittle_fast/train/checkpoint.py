@@ -344,13 +344,19 @@ def save_checkpoint(
     return final
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """`trainer.json` of checkpoint `path` (step, scheduler, sampler, optimizer param groups)."""
+    state = _read_json(path / "trainer.json")
+    if not isinstance(state, dict) or not {"step", "optim_param_groups"} <= state.keys():
+        raise CheckpointError(f"{path / 'trainer.json'}: needs 'step' and 'optim_param_groups' "
+                              "(a checkpoint from an older vittle_fast, or not ours)")
+    return state
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Collective. Restores model, optimizer and this rank's RNG; returns the trainer state.
     Nothing is unpickled (see the trust model above); problems raise `CheckpointError`."""
-    trainer_state = _read_json(path / "trainer.json")
-    if not isinstance(trainer_state, dict) or not {"step", "optim_param_groups"} <= trainer_state.keys():
-        raise CheckpointError(f"{path / 'trainer.json'}: needs 'step' and 'optim_param_groups' "
-                              "(a checkpoint from an older vittle_fast, or not ours)")
+    trainer_state = read_trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = _tensor_state(model_sd, optim_sd)
     read_metadata(path)  # raises on anything unsafe before DCP reads a byte

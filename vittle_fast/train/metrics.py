@@ -81,6 +81,11 @@ class GpuTelemetry:
         except Exception:  # ImportError, NVMLError_LibraryNotFound, driver mismatch: no telemetry
             self._handle = None
 
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle = None
+            self._nvml.nvmlShutdown()
+
     def read(self) -> dict[str, float]:
         if self._handle is None:
             return {}
@@ -138,13 +143,18 @@ class MetricsLogger:
             self._bar.refresh()
 
     def close(self) -> None:
+        """Idempotent: the loop closes it, and the trainer's shutdown again on every exit path."""
         if not self.is_main:
             return
         self._file.close()
         if self._bar is not None:
             self._bar.close()
+            monitor = type(self._bar).monitor  # tqdm's class-wide monitor thread outlives close()
+            if monitor is not None:
+                type(self._bar).monitor = None
+                monitor.exit()  # joins it
         if self._tb is not None:
-            self._tb.close()
+            self._tb.close()  # joins its event-writer thread
 
 
 class Throughput:

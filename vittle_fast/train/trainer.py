@@ -6,8 +6,8 @@ Run it as `torchrun --nproc_per_node N -m vittle_fast.train --config configs/dem
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import os
 import resource
 import sys
@@ -29,8 +29,18 @@ from .build import (
     resolve_demo_data,
     trainable_parameters,
 )
-from .checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    export_pretrained,
+    find_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    remove_stale_tmp,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig, apply_overrides, parse_args, save_yaml, to_dict
+from .lifecycle import ParentWatch, lock_output_dir, signals_as_exceptions
 from .metrics import (
     GpuTelemetry,
     MetricsLogger,
@@ -64,7 +74,12 @@ def train(cfg: TrainConfig) -> dict:
 
     Everything that can be refused is refused first, before any output or process group exists:
     config problems, and a resume that would change the run's schedules. A run already at its
-    last step (``max_steps``, or ``stop_at_step``) does nothing."""
+    last step (``max_steps``, or ``stop_at_step``) does nothing.
+
+    Shutdown is the same on every exit path (success, error, SIGTERM/SIGINT): NVML, the metrics
+    sinks (TensorBoard and tqdm threads), the DataLoader workers, the output-directory lock, then
+    -- after a barrier when the job succeeded, so no rank tears down a connection a peer still
+    uses -- the process group."""
     check_config(cfg)
     done = finished_step(cfg)
     if done is not None:
@@ -73,9 +88,15 @@ def train(cfg: TrainConfig) -> dict:
             print(f"[vittle_fast.train] {cfg.output_dir}: already {where} at step {done}; nothing to do", flush=True)
         return {"output_dir": cfg.output_dir, "complete_at_step": str(done)}
     info = init_distributed()
+    succeeded = False
     try:
-        return _train(cfg, info)
+        with signals_as_exceptions(), contextlib.ExitStack() as cleanup:
+            outputs = _train(cfg, info, cleanup)
+        succeeded = True
+        return outputs
     finally:
+        if succeeded:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -103,7 +124,10 @@ def finished_step(cfg: TrainConfig) -> int | None:
     latest = latest_checkpoint(Path(cfg.output_dir) / "checkpoints") if cfg.checkpoint.resume else None
     if latest is None:
         return None
-    state = json.loads((latest / "trainer.json").read_text())
+    try:
+        state = read_trainer_state(latest)
+    except CheckpointError:
+        return None  # a damaged checkpoint: the resume verifies it and falls back
     step, saved = state["step"], state.get("schedule")
     current = schedule_options(cfg)
     changed = {name: (saved[name], current[name]) for name in current
@@ -125,16 +149,19 @@ def finished_step(cfg: TrainConfig) -> int | None:
     return step if step >= end_step else None
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> dict:
     cfg = resolve_demo_data(cfg, info.is_main)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
+    cleanup.callback(lock_output_dir(out_dir, info.is_main).release)  # one job per output directory
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_tmp(ckpt_root):
+            print(f"[vittle_fast.train] removed {stale} (an interrupted save)", flush=True)
         save_yaml(cfg, out_dir / "config.yaml")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP shards them)
 
     data = build_data(cfg, info.rank, info.world_size)
+    cleanup.callback(data.close)
     model = build_model(cfg, vocab_size=data.vocab_size, image_token_id=data.image_token_id)
     model.validate_inputs = False  # the collator expands <image> itself; the check costs a host sync
     model.fused_cross_entropy = cfg.model.fused_cross_entropy  # the LM head on target tokens only
@@ -156,7 +183,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     )
 
     start_step = 0
-    resume_from = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    resume_from = find_resumable(ckpt_root, cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -165,8 +192,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
     logger = MetricsLogger(out_dir, info.is_main, cfg.max_steps, start_step,
                            cfg.logging.progress_bar, cfg.logging.tensorboard)
+    cleanup.callback(logger.close)
     acc = StepAccumulator(info.device)
     telemetry = GpuTelemetry(info.device)
+    cleanup.callback(telemetry.close)
+    agent = ParentWatch()
     clock = Throughput()
     peak = gpu_peak_flops(info.device)
     flops_per_token = training_flops_per_token(
@@ -176,6 +206,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     validator = build_validator(cfg, info.rank, info.world_size)
     end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     for step in range(start_step, end_step):
+        agent.check()  # orphaned by a dead torchrun agent: stop before a relaunch trains beside us
         alpha = current_alpha(cfg, step)
         micro_batches = [data.next_batch(info.device) for _ in range(cfg.data.grad_accum_steps)]
         train_step(model, optimizer, params, micro_batches, step, alpha, cfg, info, acc)

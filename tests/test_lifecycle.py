@@ -1,0 +1,101 @@
+"""One job per output directory, stale saves cleaned, threads joined, signals handled, workers
+that outlive their torchrun agent stop (issue 13 items 4 and 8)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from test_train_fixtures import make_uniform_dataset, tiny_args
+from vittle_fast.train.lifecycle import OutputDirInUse, Terminated, signals_as_exceptions
+from vittle_fast.train.trainer import main
+
+HOLD_LOCK = ("import sys, time; from pathlib import Path; from vittle_fast.train.lifecycle import OutputDirLock; "
+             "OutputDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("lifecycle_data")
+    make_uniform_dataset(directory)
+    return directory
+
+
+def test_second_job_on_a_directory_is_refused_naming_the_holder(data_dir, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirInUse, match=rf"{out} is in use by another job \(host .+, pid {holder.pid}\)"):
+            main(tiny_args(data_dir, out, "--max_steps", "1"))
+        assert not (out / "config.yaml").exists()  # the refused job wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel drops the lock with its holder; a stale save of an earlier run is removed at start.
+    stale = out / "checkpoints" / "step_00000001.tmp"
+    stale.mkdir(parents=True)
+    (stale / "__0_0.distcp").write_bytes(b"partial")
+    threads_before = set(threading.enumerate())
+    main(tiny_args(data_dir, out, "--max_steps", "1", "logging.progress_bar=true"))
+    assert not stale.exists() and (out / "checkpoints" / "step_00000001" / "manifest.json").is_file()
+    assert set(threading.enumerate()) == threads_before  # every thread the run started is joined
+
+
+def test_sigterm_becomes_an_exception_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as info:
+        with signals_as_exceptions():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises as soon as the signal arrives
+    assert info.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_workers_exit_when_their_agent_is_killed(data_dir, tmp_path):
+    """SIGKILL the torchrun agent mid-run: its two workers stop within a few steps (before the
+    fix they trained on, beside whatever relaunch came next)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vittle_fast.train", *tiny_args(data_dir, tmp_path / "run", "--max_steps", "100000",
+                                                  "checkpoint.interval=0")]
+    agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and metrics.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert metrics.is_file(), "the job never started training"
+        workers = _children(agent.pid)
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 60
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(map(_alive, workers)), "workers outlived their agent"
+    finally:
+        agent.kill()
+        agent.wait()
+        for pid in filter(_alive, workers):  # never leave a stray trainer behind
+            os.kill(pid, signal.SIGKILL)
