@@ -16,13 +16,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vittle_fast.data import SKIP_KINDS
+
 # Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, SXM parts, no sparsity).
 # MFU is reported only for these; on CPU (and unknown GPUs) it is null.
 PEAK_FLOPS_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 # Accumulated per optimizer step; summed over ranks at log time. Per-rank means (kl, grad norm)
 # are divided by the world size after the reduction.
-_FIELDS = ("loss", "ce", "kl_v", "kl_t", "grad_norm", "tokens", "skipped_records", "skipped_steps", "steps")
+# `skipped_<kind>`: bad records per kind (vittle_fast.data.SKIP_KINDS), contiguous, added as one vector.
+SKIP_FIELDS = tuple(f"skipped_{kind}" for kind in SKIP_KINDS)
+_FIELDS = ("loss", "ce", "kl_v", "kl_t", "grad_norm", "tokens", "skipped_records", "skipped_steps", "empty_steps",
+           "steps", *SKIP_FIELDS)
 _RANK_MEANS = ("kl_v", "kl_t", "grad_norm")
 
 
@@ -36,6 +41,11 @@ class StepAccumulator:
     def add(self, **values: torch.Tensor | float) -> None:
         for name, value in values.items():
             self.values[self._index[name]] += value
+
+    def add_skips(self, counts: torch.Tensor) -> None:
+        """Add a batch's `n_skipped` (per kind, `SKIP_KINDS` order) in one device op."""
+        start = self._index[SKIP_FIELDS[0]]
+        self.values[start:start + len(SKIP_FIELDS)] += counts
 
     def reduce_and_reset(self, world_size: int) -> dict[str, float]:
         """Collective: one all-reduce and one host read for the whole logging window."""

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..data import SKIP_KINDS
 from ..models.llava import IGNORE_INDEX, causal_lm_targets
 from .build import (
     build_data,
@@ -42,6 +43,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig, apply_overrides, parse_args, save_yaml, to_dict
 from .lifecycle import ParentWatch, lock_output_dir, signals_as_exceptions
 from .metrics import (
+    SKIP_FIELDS,
     GpuTelemetry,
     MetricsLogger,
     StepAccumulator,
@@ -228,7 +230,9 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
                 "tokens_per_s": tokens_per_s,
                 "mfu": None if peak is None else flops_per_token * tokens_per_s / (peak * info.world_size),
                 "skipped_steps": totals["skipped_steps"],
+                "empty_steps": totals["empty_steps"],
                 "skipped_records": totals["skipped_records"],
+                **{name: totals[name] for name in SKIP_FIELDS},
                 **peak_memory(info.device),
                 **telemetry.read(),
                 **val,
@@ -294,7 +298,6 @@ def train_step(model, optimizer, params, micro_batches, step, alpha, cfg: TrainC
     kl_v = torch.zeros_like(ce_part)
     kl_t = torch.zeros_like(ce_part)
     tokens = torch.zeros_like(ce_part)
-    skipped_records = torch.zeros_like(ce_part)
     for micro, batch in enumerate(micro_batches):
         set_gradient_sync(model, micro == num_micro - 1 or not cfg.parallel.reduce_once_per_step)
         out = model(
@@ -310,22 +313,27 @@ def train_step(model, optimizer, params, micro_batches, step, alpha, cfg: TrainC
         kl_v += out.kl_v.detach().double() / num_micro
         kl_t += out.kl_t.detach().double() / num_micro
         tokens += batch["attention_mask"].sum()
-        skipped_records += batch["n_skipped"].sum()
 
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     local_loss = ce_part + vittle_part / info.world_size
-    found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(local_loss)).float()
-    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)  # every rank skips together
-    optimizer.found_inf = found_inf  # fused AdamW leaves params and moments untouched when it is 1
+    non_finite = (~torch.isfinite(grad_norm) | ~torch.isfinite(local_loss)).float()
+    dist.all_reduce(non_finite, op=dist.ReduceOp.MAX)  # every rank skips together
+    # An empty step (every record of the global batch was bad: no target anywhere) must not move
+    # the weights either: its zero gradient would still apply AdamW's momentum.
+    empty = (global_targets == 0).double()  # global_targets is already all-reduced
+    optimizer.found_inf = torch.maximum(non_finite, empty.float())  # fused AdamW: 1 = leave untouched
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
+    skips = sum(batch["n_skipped"] for batch in micro_batches).to(ce_part)
+    acc.add_skips(skips)
     acc.add(loss=torch.nan_to_num(local_loss), ce=torch.nan_to_num(ce_part),
-            kl_v=kl_v, kl_t=kl_t, grad_norm=torch.nan_to_num(grad_norm.double()),
-            tokens=tokens, skipped_records=skipped_records, skipped_steps=found_inf / info.world_size,
+            kl_v=kl_v, kl_t=kl_t, grad_norm=torch.nan_to_num(grad_norm.double()), tokens=tokens,
+            skipped_records=skips.sum() - skips[SKIP_KINDS.index("truncated")],  # truncated ones were kept
+            skipped_steps=non_finite * (1 - empty) / info.world_size, empty_steps=empty / info.world_size,
             steps=1.0 / info.world_size)
 
 
