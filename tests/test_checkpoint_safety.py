@@ -109,19 +109,21 @@ def test_manifest_check_names_each_damaged_file(tmp_path, world_of_one):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 2 and 4, and its losses."""
+    """A finished 6-step run with checkpoints at steps 2, 4 and 6, and its metrics."""
     root = tmp_path_factory.mktemp("ckpt_faults")
     make_uniform_dataset(root / "data")
-    args = tiny_args(root / "data", root / "run", "--max_steps", "4", "checkpoint.interval=2")
+    args = tiny_args(root / "data", root / "run", "--max_steps", "6", "checkpoint.interval=2",
+                     "checkpoint.keep_last=3")
     main(args)
     return root, args, read_metrics(root / "run" / "metrics.jsonl")
 
 
-def copy_run(trained, tmp_path):
+def interrupted_copy(trained, tmp_path):
+    """The run as if killed during step 6: its newest checkpoint is step 4."""
     root, args, records = trained
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
-    (run / "metrics.jsonl").unlink()  # only what the relaunch logs
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
     return run, [a.replace(str(root / "run"), str(run)) for a in args], records
 
 
@@ -144,7 +146,7 @@ DAMAGE = {
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_checkpoint_falls_back_and_finishes_bit_exact(trained, tmp_path, damage, caplog):
-    run, args, records = copy_run(trained, tmp_path)
+    run, args, records = interrupted_copy(trained, tmp_path)
     newest = run / "checkpoints" / "step_00000004"
     DAMAGE[damage](newest)
     with pytest.raises(CheckpointError, match=str(newest)):
@@ -154,19 +156,20 @@ def test_damaged_checkpoint_falls_back_and_finishes_bit_exact(trained, tmp_path,
     assert outputs["resumed_from"].endswith("step_00000002")
     assert str(newest) in caplog.text and "does not verify" in caplog.text
     relaunched = read_metrics(run / "metrics.jsonl")
-    assert [r["loss"] for r in relaunched] == [r["loss"] for r in records[2:]]  # steps 3, 4 bit for bit
+    assert [r["step"] for r in relaunched] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in relaunched] == [r["loss"] for r in records]  # steps 3-6 redone bit for bit
     assert (run / "checkpoints" / "step_00000004.corrupt").is_dir()
 
 
 @pytest.mark.slow
 def test_crafted_metadata_runs_no_code_on_resume(trained, tmp_path):
-    run, args, _ = copy_run(trained, tmp_path)
+    run, args, _ = interrupted_copy(trained, tmp_path)
     newest = run / "checkpoints" / "step_00000004"
     marker = tmp_path / "pwned"
     (newest / ".metadata").write_bytes(pickle.dumps(CreatesFile(marker)))
     rewrite_manifest(newest)  # verification passes: the manifest is no signature
     with pytest.raises(CheckpointError, match=rf"{newest / '.metadata'}: refusing to unpickle io.open"):
-        main(args + ["--max_steps", "6"])
+        main(args)
     assert not marker.exists()
 
 
@@ -175,7 +178,7 @@ def test_crafted_byte_entry_runs_no_code_on_resume(trained, tmp_path):
     """The newest checkpoint rewritten with one model tensor replaced by a pickle payload."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    run, args, _ = copy_run(trained, tmp_path)
+    run, args, _ = interrupted_copy(trained, tmp_path)
     newest = run / "checkpoints" / "step_00000004"
     marker = tmp_path / "pwned"
     dcp_to_torch_save(newest, tmp_path / "full.pt")
@@ -191,5 +194,5 @@ def test_crafted_byte_entry_runs_no_code_on_resume(trained, tmp_path):
         dist.destroy_process_group()
     rewrite_manifest(newest)
     with pytest.raises(CheckpointError, match=rf"{newest}/__0_0.distcp: entry 'model.{name}' is pickled bytes"):
-        main(args + ["--max_steps", "6"])
+        main(args)
     assert not marker.exists()

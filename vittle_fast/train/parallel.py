@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -40,11 +41,26 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        if "RANK" in os.environ:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=_restart_round_store(), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), device_id=device if use_cuda else None)
+        elif "RANK" in os.environ:
             dist.init_process_group(backend, device_id=device if use_cuda else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _restart_round_store() -> dist.Store:
+    """The torchrun agent's TCPStore, under a key prefix of this restart round.
+
+    The agent keeps one store for the job's life, and `init_process_group("env://")` uses it
+    unprefixed: after `--max-restarts` relaunches the workers, gloo reads the dead round's peer
+    addresses ("Gloo connectFullMesh failed ... Connection refused"). A per-round namespace makes
+    every restart rendezvous afresh."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"vittle_fast/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def build_mesh(info: DistInfo, replicate: int) -> DeviceMesh:

@@ -11,6 +11,7 @@ import functools
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -185,9 +186,14 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
     )
 
     start_step = 0
+    started = time.perf_counter()
     resume_from = find_resumable(ckpt_root, cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
     if resume_from is not None:
+        verified = time.perf_counter()
         state = load_checkpoint(resume_from, model, optimizer)
+        if info.is_main:
+            print(f"[vittle_fast.train] resuming from {resume_from}: verified in {verified - started:.2f} s, "
+                  f"loaded in {time.perf_counter() - verified:.2f} s", flush=True)
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["data"])
         start_step = state["step"]
