@@ -243,3 +243,50 @@ def test_fsdp2_fully_shard_trains_on_two_gloo_processes():
     assert result.returncode == 0, result.stderr[-4000:]
     losses = [json.loads(line)["loss"] for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(losses) == 4 and losses[2] < losses[0] and losses[3] < losses[1], losses  # two batches, alternating
+
+
+def test_trainer_callback_schedule_noise_loss_scaling_and_logs():
+    """The callback's hooks called as transformers.Trainer calls them (no Trainer run: that is the slow
+    example test): alpha from the schedule, the step and seed drive the noise, the KL term joins out.loss
+    scaled like the Trainer's CE (num_items_in_batch: divided by accumulation steps x ranks), KL in the logs."""
+    from types import SimpleNamespace
+
+    from vittle_fast.integrations.transformers import VittleTrainerCallback
+    from vittle_fast.train.schedules import vittle_alpha
+
+    model = apply_vittle(hf_llava(), VittleConfig(layer_v=1, layer_t=1)).train()
+    callback = VittleTrainerCallback(kind="sigmoid")
+    args = SimpleNamespace(seed=3, gradient_accumulation_steps=2, world_size=1, average_tokens_across_devices=True)
+    state = SimpleNamespace(global_step=5, max_steps=10, log_history=[{"loss": 1.0, "step": 5}])
+    callback.on_train_begin(args, state, None, model=model)
+    callback.on_step_begin(args, state, None, model=model)
+    assert model.vittle_state.alpha == vittle_alpha(5, 10, kind="sigmoid") and model.vittle_state.step == 5
+    batch = llava_batch()
+    n_targets = (batch["labels"][:, 1:] != -100).sum()
+    with_kl = model(**batch, num_items_in_batch=n_targets).loss
+    kl_term = vittle_loss(model)
+    model.vittle_state.trainer_kl_scale = None  # the same micro-batch without the callback's addition
+    vittle_step(model, 5, model.vittle_state.alpha)
+    plain = model(**batch, num_items_in_batch=n_targets).loss
+    torch.testing.assert_close(with_kl, plain + kl_term / 2, **TOL["float32"])
+    assert model.vittle_state.run_seed == 3
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, None, logs=logs, model=model)
+    kl = model.vittle_state.hook.kl
+    torch.testing.assert_close(torch.tensor(logs["kl_v"]), kl["visual"], **TOL["float32"])  # 2 forwards, same KL
+    assert state.log_history[-1]["kl_t"] == logs["kl_t"] and logs["alpha"] == callback.alpha
+    callback.on_train_end(args, state, None, model=model)
+    assert model.vittle_state.alpha == 0.5 and model.vittle_state.trainer_kl_scale is None
+
+
+@pytest.mark.slow  # minutes on 2 busy cores: 20 Trainer steps, then 20 compiled steps
+@pytest.mark.parametrize("script,extra", [("hf_trainer_llava.py", []),
+                                          ("compile_loop_llava.py", ["--backend", "aot_eager"])])
+def test_examples_run_and_the_loss_falls(tmp_path, script, extra):
+    """Both README examples as documented (the compiled loop with a cheaper backend: inductor's C++
+    compilation alone takes minutes here); each asserts its own loss fell."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "examples" / script), "--out", str(tmp_path), *extra],
+                            cwd=root, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "loss (CE + KL): first" in result.stdout
