@@ -197,6 +197,8 @@ def test_errors_name_the_problem():
             hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)), VittleConfig(0, 0))
     with pytest.raises(ValueError, match="layer_t=3 but the decoder has 3 layers"):
         apply_vittle(hf_llava(), VittleConfig(layer_v=0, layer_t=3))
+    with pytest.raises(ValueError, match="routing='exact' only"):
+        apply_vittle(hf_llava(), VittleConfig(layer_v=0, layer_t=0, routing="positional"))
     model = apply_vittle(hf_llava(), VittleConfig(layer_v=0, layer_t=0))
     with pytest.raises(ValueError, match="already applied"):
         apply_vittle(model, VittleConfig(layer_v=0, layer_t=0))

@@ -95,6 +95,9 @@ def apply_vittle(model: nn.Module, config: VittleConfig) -> nn.Module:
     if not class_names & SUPPORTED_CLASSES:
         raise TypeError(f"apply_vittle supports {sorted(SUPPORTED_CLASSES)} (decoder layers found as "
                         f"model.get_decoder().layers), got {type(model).__name__}")
+    if getattr(config, "routing", "exact") != "exact":
+        raise ValueError("apply_vittle supports routing='exact' only (the released positional split is a "
+                         "parity option of vittle_fast.models.LlavaVittle)")
     if hasattr(model, "vittle_bottleneck"):
         raise ValueError("apply_vittle was already applied to this model")
     layers = model.get_decoder().layers
