@@ -48,10 +48,11 @@ constexpr int64_t kElementsPerTask = 1 << 15;
 constexpr int64_t kMinAvx512Dim = 64;
 
 // Floats of the per-row noise buffer: four per counter, the counter count (at most D/4 + 2)
-// rounded up to the AVX-512 step of 16 counters.
+// rounded up to the AVX-512 noise step (avx512::kCountersPerStep = 32 counters).
 int64_t noise_buffer_size(int64_t dim) {
+  constexpr int64_t kStep = 32;
   const int64_t max_counters = dim / kNormalsPerCounter + 2;
-  return kNormalsPerCounter * ((max_counters + 15) / 16) * 16;
+  return kNormalsPerCounter * ((max_counters + kStep - 1) / kStep) * kStep;
 }
 
 // Storage dtypes the AVX-512 row loops handle (float64 always takes the portable loops).
@@ -241,99 +242,102 @@ VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t*
 namespace avx512_rows {
 using namespace ::vittle_fast::avx512;
 
-// The prior of 16 columns: the learnable prior's arrays, or the fixed N(0, 1) as constants.
-struct Prior16 {
-  V mu, logvar, inv_var;
+static_assert(32 % avx512::kCountersPerStep == 0, "noise_buffer_size rounds the counters to 32");
+
+// Element-loop step: four groups of 16 columns, so four exp chains overlap.
+constexpr int kGroups = 4;
+using Floats = F<kGroups>;
+using Masks = M<kGroups>;
+
+// The prior of a step's columns: the learnable prior's arrays, or the fixed N(0, 1) as constants.
+struct Priors {
+  Floats mu, logvar, inv_var;
 };
 
 template <bool kLearnable>
-VITTLE_AVX512_INLINE Prior16 load_prior(const PriorColumns::View& priors, int64_t j, Mask k) {
+VITTLE_AVX512_INLINE Priors load_prior(const PriorColumns::View& priors, int64_t j, Masks k) {
   if constexpr (kLearnable) {
     return {load(priors.mu + j, k), load(priors.logvar + j, k), load(priors.inv_var + j, k)};
   } else {
-    return {bc(0.0f), bc(0.0f), bc(1.0f)};
+    return {splat<kGroups>(0.0f), splat<kGroups>(0.0f), splat<kGroups>(1.0f)};
   }
 }
 
 // forward_element's kl: 0.5 * (c * (lv_p - lv) + (var + diff^2) / var_p - 1)
-VITTLE_AVX512_INLINE V forward_kl(V logvar_c, V var, V diff, const Prior16& prior, V kl_logvar_coef) {
-  return mul(bc(0.5f),
-             sub(add(mul(kl_logvar_coef, sub(prior.logvar, logvar_c)), mul(add(var, mul(diff, diff)), prior.inv_var)),
-                 bc(1.0f)));
+VITTLE_AVX512_INLINE Floats forward_kl(Floats logvar_c, Floats var, Floats diff, const Priors& prior,
+                                       float kl_logvar_coef) {
+  return mul(0.5f, sub(add(mul(kl_logvar_coef, sub(prior.logvar, logvar_c)), mul(add(var, mul(diff, diff)), prior.inv_var)),
+                       1.0f));
 }
 
-// forward_rows of the portable path, 16 columns at a time.
+// forward_rows of the portable path, 64 columns per step.
 template <typename scalar_t, bool kSample, bool kLearnable>
 VITTLE_AVX512 void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t* stats,
                                 const PriorColumns::View priors, scalar_t* z_hat, float* kl, const FusedCall& call,
                                 float* normals, float* kl_terms) {
   const int64_t d = call.dim;
-  const V lo = bc(call.scalars.clamp_lo), hi = bc(call.scalars.clamp_hi);
-  const V alpha = bc(call.scalars.alpha), one_minus_alpha = bc(1.0f - call.scalars.alpha);
-  const V coef = bc(call.scalars.kl_logvar_coef);
+  const OpScalars s = call.scalars;
   for (int64_t i = begin; i < end; ++i) {
     const float* eps = kSample ? avx512::row_noise(call, i, normals) : nullptr;
     const scalar_t* h_row = h + i * d;
     const scalar_t* mu_row = stats + i * 2 * d;
     const scalar_t* logvar_row = mu_row + d;
     scalar_t* z_row = z_hat + i * d;
-    for (int64_t j = 0; j < d; j += kLanes) {
-      const Mask k = tail_mask(d - j);
-      const V mu = load(mu_row + j, k);
-      const V logvar_c = clamp(load(logvar_row + j, k), lo, hi);
-      const V std_dev = exp(mul(bc(0.5f), logvar_c));
-      const V var = mul(std_dev, std_dev);
-      V z_tilde = mu;
+    for (int64_t j = 0; j < d; j += kGroups * kLanes) {
+      const Masks k = tail_masks<kGroups>(d - j);
+      const Floats mu = load(mu_row + j, k);
+      const Floats logvar_c = clamp(load(logvar_row + j, k), s.clamp_lo, s.clamp_hi);
+      const Floats std_dev = exp(mul(0.5f, logvar_c));
+      const Floats var = mul(std_dev, std_dev);
+      Floats z_tilde = mu;
       if constexpr (kSample) z_tilde = add(mu, mul(std_dev, load(eps + j, k)));
-      const Prior16 prior = load_prior<kLearnable>(priors, j, k);
-      store(z_row + j, k, add(mul(one_minus_alpha, load(h_row + j, k)), mul(alpha, z_tilde)));
-      _mm512_mask_storeu_ps(kl_terms + j, k, forward_kl(logvar_c, var, sub(mu, prior.mu), prior, coef));
+      const Priors prior = load_prior<kLearnable>(priors, j, k);
+      store(z_row + j, k, add(mul(1.0f - s.alpha, load(h_row + j, k)), mul(s.alpha, z_tilde)));
+      store(kl_terms + j, k, forward_kl(logvar_c, var, sub(mu, prior.mu), prior, s.kl_logvar_coef));
     }
     kl[i] = fixed_order_sum(kl_terms, d) / static_cast<float>(d);
   }
 }
 
-// backward_rows of the portable path, 16 columns at a time.
+// backward_rows of the portable path, 64 columns per step.
 template <typename scalar_t, bool kSample, bool kLearnable>
 VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
                                  const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h,
                                  scalar_t* grad_stats, float* prior_partial, const FusedCall& call, float* normals) {
   const int64_t d = call.dim;
-  const V lo = bc(call.scalars.clamp_lo), hi = bc(call.scalars.clamp_hi);
-  const V alpha = bc(call.scalars.alpha), one_minus_alpha = bc(1.0f - call.scalars.alpha);
-  const V coef = bc(call.scalars.kl_logvar_coef);
+  const OpScalars s = call.scalars;
   for (int64_t i = begin; i < end; ++i) {
     const float* eps = kSample ? avx512::row_noise(call, i, normals) : nullptr;
-    const float w_scalar = grad_kl[i] / static_cast<float>(d);
-    const V w = bc(w_scalar), half_w = bc(w_scalar * 0.5f), minus_w = bc(-w_scalar);
+    const float w = grad_kl[i] / static_cast<float>(d);
+    const float half_w = w * 0.5f;
     const scalar_t* g_row = grad_z_hat + i * d;
     const scalar_t* mu_row = stats + i * 2 * d;
     const scalar_t* logvar_row = mu_row + d;
     scalar_t* grad_h_row = grad_h + i * d;
     scalar_t* grad_mu_row = grad_stats + i * 2 * d;
     scalar_t* grad_logvar_row = grad_mu_row + d;
-    for (int64_t j = 0; j < d; j += kLanes) {
-      const Mask k = tail_mask(d - j);
-      const V g = load(g_row + j, k);
-      const V mu = load(mu_row + j, k);
-      const V logvar_c = clamp(load(logvar_row + j, k), lo, hi);
-      const V std_dev = exp(mul(bc(0.5f), logvar_c));
-      const V var = mul(std_dev, std_dev);
-      const Prior16 prior = load_prior<kLearnable>(priors, j, k);
-      const V diff = sub(mu, prior.mu);
-      const V diff_scaled = mul(diff, prior.inv_var);
-      const V ag = mul(alpha, g);
-      store(grad_h_row + j, k, mul(one_minus_alpha, g));
+    for (int64_t j = 0; j < d; j += kGroups * kLanes) {
+      const Masks k = tail_masks<kGroups>(d - j);
+      const Floats g = load(g_row + j, k);
+      const Floats mu = load(mu_row + j, k);
+      const Floats logvar_c = clamp(load(logvar_row + j, k), s.clamp_lo, s.clamp_hi);
+      const Floats std_dev = exp(mul(0.5f, logvar_c));
+      const Floats var = mul(std_dev, std_dev);
+      const Priors prior = load_prior<kLearnable>(priors, j, k);
+      const Floats diff = sub(mu, prior.mu);
+      const Floats diff_scaled = mul(diff, prior.inv_var);
+      const Floats ag = mul(s.alpha, g);
+      store(grad_h_row + j, k, mul(1.0f - s.alpha, g));
       store(grad_mu_row + j, k, add(ag, mul(w, diff_scaled)));
-      V sample_term = bc(0.0f);
-      if constexpr (kSample) sample_term = mul(mul(mul(ag, load(eps + j, k)), std_dev), bc(0.5f));
-      store(grad_logvar_row + j, k, add(sample_term, mul(half_w, sub(mul(var, prior.inv_var), coef))));
+      Floats sample_term = splat<kGroups>(0.0f);
+      if constexpr (kSample) sample_term = mul(mul(mul(ag, load(eps + j, k)), std_dev), 0.5f);
+      store(grad_logvar_row + j, k, add(sample_term, mul(half_w, sub(mul(var, prior.inv_var), s.kl_logvar_coef))));
       if constexpr (kLearnable) {
         float* pm = prior_partial + j;
         float* plv = prior_partial + d + j;
-        _mm512_mask_storeu_ps(pm, k, add(load(pm, k), mul(minus_w, diff_scaled)));
-        const V grad_plv = mul(half_w, sub(coef, mul(add(var, mul(diff, diff)), prior.inv_var)));
-        _mm512_mask_storeu_ps(plv, k, add(load(plv, k), grad_plv));
+        store(pm, k, add(load(pm, k), mul(-w, diff_scaled)));
+        const Floats grad_plv = mul(half_w, sub(s.kl_logvar_coef, mul(add(var, mul(diff, diff)), prior.inv_var)));
+        store(plv, k, add(load(plv, k), grad_plv));
       }
     }
   }
