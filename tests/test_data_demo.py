@@ -64,8 +64,6 @@ def expected_answer(question, objects):
         return by_shape[words[4]]
     if question.startswith("What shape is the"):
         return objects[words[4]][0]
-    if question.startswith("How many"):
-        return ("zero", "one", "two", "three")[len(objects)]
     if question.startswith("Is there a"):
         return "Yes" if objects.get(words[3], (None,))[0] == words[4] else "No"
     assert question.startswith("Where is the")
@@ -89,7 +87,7 @@ def test_answers_are_grounded_in_the_image(demo):
             text = question["value"].removeprefix(IMAGE_PLACEHOLDER + "\n")
             assert answer["value"] == expected_answer(text, objects), (record["id"], text)
             answers.append(answer["value"])
-    assert {"Yes", "No", "one", "two", "three", *SHAPES} <= set(answers)
+    assert {"Yes", "No", *SHAPES} <= set(answers)
     assert any(not record.get("image") for record in records)  # text-only records exist
 
 

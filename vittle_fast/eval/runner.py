@@ -203,12 +203,20 @@ class Evaluator:
         nll, counted, correct = reference_scores(logits, labels[:, 1:], IGNORE_INDEX)
         scores = [{"nll_sum": float(n), "n_ref_tokens": int(c), "tf_correct": bool(ok)}
                   for n, c, ok in zip(nll.tolist(), counted.tolist(), correct.tolist())]
-        hidden = self._pool(captured, ids, mask & (labels == IGNORE_INDEX)) if dump_hidden else None
+        hidden = self._pool(captured, ids, self._pooled_tokens(ids, mask & (labels == IGNORE_INDEX))) if dump_hidden else None
         return scores, hidden
 
+    def _pooled_tokens(self, ids, prompt_mask):
+        """The prompt tokens from the first image token on (image + question), or the whole prompt when
+        a row has no image: the system prompt before the image is the same for every question, and its
+        states (causal attention) would only add a common vector to every representation."""
+        seen_image = (ids == self.exported.model.image_token_id).long().cumsum(1) > 0
+        has_image = seen_image[:, -1:]
+        return prompt_mask & (seen_image | ~has_image)
+
     def _pool(self, captured, ids, prompt_mask) -> dict[str, torch.Tensor]:
-        """Mean over each prompt's tokens (image + text) of the layer's output h and, with a
-        bottleneck, of its posterior mean z = mu (the MLP's first half, per modality)."""
+        """Mean over each question's pooled tokens (``_pooled_tokens``) of the layer's output h and,
+        with a bottleneck, of its posterior mean z = mu (the MLP's first half, per modality)."""
         model = self.exported.model
         weights = prompt_mask.unsqueeze(-1).float()
         count = weights.sum(1).clamp(min=1)
