@@ -43,7 +43,7 @@ class Validator:
                 samples = [self.dataset[i] for i, _ in chunk]
                 weights = torch.tensor([w for (_, w), s in zip(chunk, samples) if not hasattr(s, "kind")],
                                        dtype=torch.float64, device=device)
-                batch = {k: v.to(device) for k, v in self.collate(samples).items()}
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.collate(samples).items()}
                 out = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
                             vittle_alpha=alpha)
