@@ -285,3 +285,16 @@ def test_export_stores_the_final_training_alpha(data_dir, tmp_path):
                    "vittle.alpha_schedule=sigmoid", "vittle.alpha_end=0.4", "vittle.alpha_k=4.0"))
     expected = 0.4 / (1 + math.exp(-4.0 * (1 - 0.5)))
     assert llava_from_hf(tmp_path / "export").bottleneck.config.alpha == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_device_scalars_train_bitwise_like_python_scalars(data_dir, tmp_path, dtype):
+    """parallel.cuda_graphs: alpha/seed/offset reach the bottleneck as 0-dim device tensors (filled in
+    place per micro-batch) -- same losses, KLs and gradient norms bit for bit (bf16: FSDP must not
+    cast the float32 alpha tensor to the compute dtype)."""
+    common = ["--max_steps", "3", "data.grad_accum_steps=2", "vittle.alpha_end=0.9", "vittle.backend=auto",
+              f"parallel.param_dtype={dtype}"]
+    main(tiny_args(data_dir, tmp_path / "python", *common))
+    main(tiny_args(data_dir, tmp_path / "tensor", *common, "parallel.cuda_graphs=true"))
+    for key in ("loss", "kl_v", "kl_t", "grad_norm"):
+        assert losses(tmp_path / "tensor", key) == losses(tmp_path / "python", key), key

@@ -153,6 +153,8 @@ class ParallelSection:
     reduce_dtype: Literal["bfloat16", "float32"] = opt("float32", "FSDP gradient reduction dtype")
     activation_checkpointing: Literal["off", "full", "every_k"] = opt("off", "recompute decoder blocks in backward")
     ac_every_k: int = opt(2, "every_k: checkpoint every k-th block")
+    cuda_graphs: bool = opt(False, "pass alpha, noise seed and offset to the model as 0-dim device tensors updated "
+                                   "in place each micro-batch (safe to capture in a CUDA graph / compiled step)")
     reduce_once_per_step: bool = opt(True, "gradient accumulation: one gradient reduce-scatter per step, after the "
                                      "last micro-batch (unsharded grads + params stay on each rank in between: more "
                                      "memory); false = reduce every micro-batch (ZeRO-3 memory)")

@@ -6,6 +6,8 @@ call), so a resumed run redraws exactly the same noise without saving any RNG st
 
 from __future__ import annotations
 
+import torch
+
 _MASK64 = (1 << 64) - 1
 RANK_SHIFT = 44  # offset = rank << 44; the model adds call << 38, leaving 2**38 counters (2**40 normals) per call
 
@@ -30,3 +32,26 @@ def noise_offset(rank: int) -> int:
     if not 0 <= rank < 1 << (63 - RANK_SHIFT):
         raise ValueError(f"rank must be in [0, 2**{63 - RANK_SHIFT}), got {rank}")
     return rank << RANK_SHIFT
+
+
+class DeviceScalars:
+    """The model's per-micro-batch scalars -- alpha, noise seed, noise offset -- as 0-dim tensors on
+    the training device, advanced in place (``fill_``) before every forward (``parallel.cuda_graphs``).
+
+    A CUDA graph captured around the step (or ``torch.compile(mode="reduce-overhead")``) bakes Python
+    scalars into its launches and would replay the same noise and alpha every step; kernels that read
+    these tensors from memory see each step's values. ``fill_`` with a Python number needs no host
+    sync. The seed tensor holds the key's 64 bits (seed 2**63 + 5 is -(2**63) + 5, ops/scalars.py).
+    Results are bitwise those of Python scalars. The op saves the tensors for backward, so each
+    micro-batch's backward must run before the next ``set`` (as ``train_step`` does)."""
+
+    def __init__(self, device: torch.device, rank: int):
+        self.alpha = torch.zeros((), dtype=torch.float32, device=device)
+        self.seed = torch.zeros((), dtype=torch.int64, device=device)
+        self.offset = torch.full((), noise_offset(rank), dtype=torch.int64, device=device)
+
+    def set(self, alpha: float, seed: int) -> dict[str, torch.Tensor]:
+        """Write this micro-batch's values; returns the model's keyword arguments."""
+        self.alpha.fill_(alpha)
+        self.seed.fill_(seed - (1 << 64) if seed >= 1 << 63 else seed)
+        return {"vittle_alpha": self.alpha, "noise_seed": self.seed, "noise_offset": self.offset}

@@ -101,19 +101,27 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, param_dtype: str, reduc
     Trainable and frozen parameters never share a unit, which FSDP2 requires.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    # The root and the bottleneck's unit leave their float inputs alone: a float32 0-dim alpha tensor
+    # (parallel.cuda_graphs) must reach the op as float32, and everything else they get is already in
+    # the compute dtype (hidden states) or cast by the unit that uses it (pixel_values: the vision tower).
+    keep_inputs = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype],
+                                       cast_forward_inputs=False)
     model.vision_tower.to(_DTYPES[param_dtype])  # frozen: keep it in the compute dtype, halve its memory
     fully_shard(model.vision_tower, mesh=mesh, mp_policy=mp_policy)
     host = bottleneck_host(model)
     for index, block in enumerate(model.language_model.layers):
-        fully_shard([block, model.bottleneck] if index == host else block, mesh=mesh, mp_policy=mp_policy)
+        if index == host:
+            fully_shard([block, model.bottleneck], mesh=mesh, mp_policy=keep_inputs)
+        else:
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model.projector, mesh=mesh, mp_policy=mp_policy)
     if model.bottleneck is not None:
         if host is None:
-            fully_shard(model.bottleneck, mesh=mesh, mp_policy=mp_policy)
+            fully_shard(model.bottleneck, mesh=mesh, mp_policy=keep_inputs)
         # Called directly (not through __call__) when both modalities share a layer: FSDP must
         # still run its pre/post-forward around it (all-gather if needed, reshard, backward hooks).
         register_fsdp_forward_method(model.bottleneck, "forward_both")
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=keep_inputs)
 
 
 def bottleneck_host(model: torch.nn.Module) -> int | None:

@@ -53,7 +53,7 @@ from .metrics import (
     plot_metrics,
     training_flops_per_token,
 )
-from .noise import noise_offset, noise_seed
+from .noise import DeviceScalars, noise_offset, noise_seed
 from .parallel import DistInfo, apply_activation_checkpointing, apply_fsdp, build_mesh, init_distributed
 from .schedules import warmup_cosine_lr_factor
 
@@ -202,6 +202,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
                            cfg.logging.progress_bar, cfg.logging.tensorboard)
     cleanup.callback(logger.close)
     acc = StepAccumulator(info.device)
+    scalars = DeviceScalars(info.device, info.rank) if cfg.parallel.cuda_graphs else None
     telemetry = GpuTelemetry(info.device)
     cleanup.callback(telemetry.close)
     agent = ParentWatch()
@@ -217,7 +218,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
         agent.check()  # orphaned by a dead torchrun agent: stop before a relaunch trains beside us
         alpha = current_alpha(cfg, step)
         micro_batches = [data.next_batch(info.device) for _ in range(cfg.data.grad_accum_steps)]
-        train_step(model, optimizer, params, micro_batches, step, alpha, cfg, info, acc)
+        train_step(model, optimizer, params, micro_batches, step, alpha, cfg, info, acc, scalars)
         scheduler.step()
         done = step + 1
 
@@ -286,8 +287,9 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train_step(model, optimizer, params, micro_batches, step, alpha, cfg: TrainConfig, info: DistInfo,
-               acc: StepAccumulator) -> None:
-    """One optimizer step over `micro_batches` (this rank's share of the global batch).
+               acc: StepAccumulator, scalars: DeviceScalars | None = None) -> None:
+    """One optimizer step over `micro_batches` (this rank's share of the global batch). `scalars`
+    (`parallel.cuda_graphs`): pass alpha/seed/offset to the model as device tensors updated in place.
 
     Loss normalisation: CE is a sum over target tokens divided by the global target count of the
     step (all-reduced before any backward), times the world size because FSDP averages gradients
@@ -306,12 +308,10 @@ def train_step(model, optimizer, params, micro_batches, step, alpha, cfg: TrainC
     tokens = torch.zeros_like(ce_part)
     for micro, batch in enumerate(micro_batches):
         set_gradient_sync(model, micro == num_micro - 1 or not cfg.parallel.reduce_once_per_step)
-        out = model(
-            **{name: batch[name] for name in MODEL_INPUTS},
-            vittle_alpha=alpha,
-            noise_seed=noise_seed(cfg.seed, step, micro),
-            noise_offset=noise_offset(info.rank),
-        )
+        seed = noise_seed(cfg.seed, step, micro)
+        noise = (dict(vittle_alpha=alpha, noise_seed=seed, noise_offset=noise_offset(info.rank)) if scalars is None
+                 else scalars.set(alpha, seed))
+        out = model(**{name: batch[name] for name in MODEL_INPUTS}, **noise)
         loss = out.ce_sum * ce_scale.to(out.ce_sum.dtype) + out.vittle_loss / num_micro
         loss.backward()
         ce_part += out.ce_sum.detach().double() / global_targets
