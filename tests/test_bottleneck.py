@@ -1,6 +1,7 @@
 """VittleBottleneck vs the reference math (vittle_fast.ops.reference), token by token, every backend."""
 import pytest
 import torch
+import torch._dynamo.testing
 from tolerances import TOL
 
 from vittle_fast.nn import VittleBottleneck, VittleConfig
@@ -181,3 +182,47 @@ def test_fused_mlp_switch_keeps_results_and_noise_stream(backend, both):
         results.append([out.detach(), kl.detach(), *torch.autograd.grad(loss, [leaf, *params])])
     for fused, unfused in zip(*results):
         torch.testing.assert_close(fused, unfused, **TOL["fp32_sum"])
+
+
+def tensor_scalars(alpha, seed, offset):
+    """The 0-dim device tensors a CUDA-graph-safe trainer passes (ops/scalars.py convention)."""
+    return (torch.tensor(alpha, dtype=torch.float32), torch.tensor(seed, dtype=torch.int64),
+            torch.tensor(offset, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("fused_mlp", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_compiled_bottleneck_with_moving_scalars(fused_mlp):
+    """torch.compile of the module with alpha, seed and offset changing every call (a training run):
+    fullgraph, at most 2 compiles (the first specialisation + one dynamic graph; 1 with tensor
+    scalars), loss and every gradient bitwise equal to eager; tensor scalars == Python scalars."""
+    torch.manual_seed(0)
+    bottleneck = VittleBottleneck(D, VittleConfig(layer_v=0, layer_t=0, prior="learnable", fused_mlp=fused_mlp))
+    hidden = torch.randn(10, D)
+    is_visual = torch.zeros(10, dtype=torch.bool)
+    is_visual[2:5] = True
+    order = torch.cat(split_token_rows(is_visual, 3))
+    kl_masks = {"visual": torch.ones(3, dtype=torch.bool), "text": torch.arange(7) % 2 == 0}
+
+    def loss_fn(h, alpha, seed, offset):
+        out, kl = bottleneck.forward_both(h, order, 3, kl_masks, alpha=alpha, noise_seed=seed, noise_offset=offset)
+        return (out * out).sum() + kl["visual"] + kl["text"]
+
+    def loss_and_grads(fn, scalars):
+        h = hidden.clone().requires_grad_()
+        loss = fn(h, *scalars)
+        return [loss.detach(), *torch.autograd.grad(loss, [h, *bottleneck.parameters()])]
+
+    for as_tensors in (False, True):
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+        for step in range(10):
+            scalars = (0.05 + 0.09 * step, 1000 + 7919 * step, (step * 64) << 20)
+            eager = loss_and_grads(loss_fn, scalars)
+            if as_tensors:
+                tensors_eager = loss_and_grads(loss_fn, tensor_scalars(*scalars))
+                assert all(torch.equal(a, b) for a, b in zip(tensors_eager, eager)), f"step {step}"
+                scalars = tensor_scalars(*scalars)
+            traced = loss_and_grads(compiled, scalars)
+            assert all(torch.equal(a, b) for a, b in zip(traced, eager)), f"step {step}"
+        assert counter.frame_count <= (1 if as_tensors else 2), counter.frame_count
