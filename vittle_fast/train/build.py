@@ -153,10 +153,6 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def count_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def vision_geometry(cfg: TrainConfig) -> tuple[int, int]:
     """(image_size, patch_size) of the vision tower the config will build, without building it."""
     m = cfg.model

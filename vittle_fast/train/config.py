@@ -134,6 +134,8 @@ class LoggingSection:
     progress_bar: bool = opt(True, "tqdm bar on rank 0")
     tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
     plot: bool = opt(True, "OUTPUT_DIR/metrics.png (loss, CE, KL, alpha) at the end")
+    profile_steps: tuple[int, int] | None = opt(None, "[a, b]: torch.profiler trace of steps a..b (1-based, "
+                                                "inclusive) to OUTPUT_DIR/profile/ (Perfetto, TensorBoard)")
 
 
 @dataclass
@@ -220,6 +222,9 @@ class TrainConfig:
         clamp = self.vittle.logvar_clamp
         if clamp is not None and not clamp[0] < clamp[1]:
             found.append(f"vittle.logvar_clamp must be (lo, hi) with lo < hi, got {list(clamp)}")
+        steps = self.logging.profile_steps
+        if steps is not None and not 1 <= steps[0] <= steps[1]:
+            found.append(f"logging.profile_steps must be [a, b] with 1 <= a <= b, got {list(steps)}")
         return found
 
     def validate(self) -> None:

@@ -26,9 +26,9 @@ PEAK_FLOPS_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 # are divided by the world size after the reduction.
 # `skipped_<kind>`: bad records per kind (vittle_fast.data.SKIP_KINDS), contiguous, added as one vector.
 SKIP_FIELDS = tuple(f"skipped_{kind}" for kind in SKIP_KINDS)
-_FIELDS = ("loss", "ce", "kl_v", "kl_t", "grad_norm", "tokens", "skipped_records", "skipped_steps", "empty_steps",
-           "steps", *SKIP_FIELDS)
-_RANK_MEANS = ("kl_v", "kl_t", "grad_norm")
+_FIELDS = ("loss", "ce", "kl_v", "kl_t", "grad_norm", "tokens", "flops", "data_wait_s", "skipped_records",
+           "skipped_steps", "empty_steps", "steps", *SKIP_FIELDS)
+_RANK_MEANS = ("kl_v", "kl_t", "grad_norm", "data_wait_s")
 
 
 class StepAccumulator:
@@ -54,7 +54,7 @@ class StepAccumulator:
         self.values.zero_()
         out = dict(zip(_FIELDS, totals.tolist()))
         steps = max(out["steps"], 1.0)
-        for name in ("loss", "ce", "kl_v", "kl_t", "grad_norm"):
+        for name in ("loss", "ce", "kl_v", "kl_t", "grad_norm", "data_wait_s"):
             out[name] /= steps
         for name in _RANK_MEANS:
             out[name] /= world_size
@@ -68,11 +68,111 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key in name), None)
 
 
-def training_flops_per_token(matmul_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """6N for the decoder blocks' and LM head's matmuls (forward + backward; embedding lookups are
-    not matmuls) plus 12·L·d·S for attention scores and values (the PaLM appendix-B estimate
-    torchtitan uses). The frozen vision tower and the bottleneck are not counted."""
-    return 6.0 * matmul_params + 12.0 * num_layers * hidden * seq_len
+def _linear_weights(module: torch.nn.Module | None) -> int:
+    """Multiply-adds per row of every nn.Linear weight in ``module`` (biases are not matmuls)."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _passes(trains: bool, needs_input_grad: bool = True) -> int:
+    """Matmul passes of a weight per step: forward, + input gradient, + weight gradient."""
+    return 1 + int(needs_input_grad) + int(trains)
+
+
+class TrainingFlops:
+    """Matmul FLOPs (2 per multiply-add) one micro-batch of ``LlavaVittle`` really costs.
+
+    - A weight matmul over n rows costs 2·n·weights per pass: forward, the input gradient when the
+      gradient flows through it, the weight gradient when it trains (6·N for stage-2 blocks, 4·N for
+      a frozen decoder in stage 1, whose gradient still flows to the projector).
+    - Decoder blocks run on the non-padding tokens; causal attention costs 4·d_attn per (query, key)
+      pair forward (scores + values) and 2x that backward; a token at position p of its (packed)
+      sequence has p + 1 keys, so the pairs are Σ (position_id + 1) over non-padding tokens.
+    - LM head: the target tokens with the fused loss, else every token.
+    - Projector: the image tokens (its first layer needs no input gradient: the tower is frozen).
+    - Vision tower (frozen, under no_grad): forward only — the patch embedding and the blocks up to
+      the feature layer over 1 + P tokens per image, bidirectional attention 4·d·(1 + P)² per block.
+    - Bottleneck: each token through its modality's MLP, trained (6x).
+    Elementwise work (norms, activations, softmax, the fused op) is not counted.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        lm, tower = model.language_model, model.vision_tower
+        text, vision = lm.config, tower.config
+        trains = any(p.requires_grad for p in lm.layers.parameters())
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.block = 2 * _passes(trains) * _linear_weights(lm.layers)
+        self.attention = 3 * 4 * text.num_attention_heads * head_dim * len(lm.layers)
+        self.head = 2 * _passes(lm.lm_head.weight.requires_grad) * _linear_weights(lm.lm_head)
+        self.fused_head = model.fused_cross_entropy
+        proj = model.projector
+        self.projector = 2 * (_passes(True, needs_input_grad=False) * _linear_weights(proj.linear_1)
+                              + _passes(True) * _linear_weights(proj.linear_2))
+        self.patches = tower.num_patches
+        seq = 1 + self.patches
+        blocks_run = tower.encoder.layers[: model.vision_feature_layer % (len(tower.encoder.layers) + 1)]
+        patch_embed = vision.num_channels * vision.patch_size**2 * vision.hidden_size
+        self.image = 2 * (patch_embed * self.patches + _linear_weights(blocks_run) * seq
+                          + len(blocks_run) * 2 * vision.hidden_size * seq**2)
+        bottleneck = model.bottleneck
+        self.bottleneck_v = 0 if bottleneck is None else 2 * _passes(True) * _linear_weights(bottleneck.mlp_v)
+        self.bottleneck_t = 0 if bottleneck is None else 2 * _passes(True) * _linear_weights(bottleneck.mlp_t)
+
+    def micro_batch(self, batch: dict[str, torch.Tensor], n_targets: torch.Tensor) -> torch.Tensor:
+        """FLOPs of one micro-batch as a float64 device tensor (no host sync)."""
+        valid = batch["attention_mask"].to(torch.float64)
+        tokens = valid.sum()
+        pairs = ((batch["position_ids"] + 1) * valid).sum()
+        images = batch["pixel_values"].shape[0]
+        visual = images * self.patches
+        head_rows = n_targets.to(torch.float64) if self.fused_head else tokens
+        return (self.block * tokens + self.attention * pairs + self.head * head_rows
+                + (self.projector + self.bottleneck_v) * visual + self.image * images
+                + self.bottleneck_t * (tokens - visual))
+
+
+class StepProfiler:
+    """``torch.profiler`` around optimizer steps a..b (1-based, inclusive) of ``logging.profile_steps``.
+
+    Each rank writes ``OUTPUT_DIR/profile/rank{r}.steps{a}-{b}.pt.trace.json``: a Chrome trace that
+    Perfetto (ui.perfetto.dev) opens, and that TensorBoard's profiler plugin lists with
+    ``--logdir OUTPUT_DIR/profile``. Each step is one ``train_step#N`` range.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, output_dir: Path, rank: int, device: torch.device):
+        self.steps, self.rank = steps, rank
+        self.path = None if steps is None else output_dir / "profile" / f"rank{rank}.steps{steps[0]}-{steps[1]}.pt.trace.json"
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._activities = activities
+        self._profiler = None
+        self._mark = None
+
+    def step_begins(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0]:
+            self._profiler = torch.profiler.profile(activities=self._activities)
+            self._profiler.start()
+        if self._profiler is not None:
+            self._mark = torch.profiler.record_function(f"train_step#{step}")
+            self._mark.__enter__()
+
+    def step_ends(self, step: int) -> None:
+        if self._profiler is None:
+            return
+        self._mark.__exit__(None, None, None)
+        if step >= self.steps[1]:
+            self.finish()
+
+    def finish(self) -> None:
+        """Write the trace (also when the run stops before step b)."""
+        if self._profiler is None:
+            return
+        self._profiler.stop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._profiler.export_chrome_trace(str(self.path))
+        self._profiler = None
 
 
 class GpuTelemetry:

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import resource
+import time
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,6 @@ from .build import (
     build_model,
     build_validator,
     check_config,
-    count_params,
     current_alpha,
     load_tokenizer,
     resolve_demo_data,
@@ -48,10 +48,11 @@ from .metrics import (
     GpuTelemetry,
     MetricsLogger,
     StepAccumulator,
+    StepProfiler,
+    TrainingFlops,
     Throughput,
     gpu_peak_flops,
     plot_metrics,
-    training_flops_per_token,
 )
 from .noise import DeviceScalars, noise_offset, noise_seed
 from .parallel import DistInfo, apply_activation_checkpointing, apply_fsdp, build_mesh, init_distributed
@@ -168,7 +169,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
     model = build_model(cfg, vocab_size=data.vocab_size, image_token_id=data.image_token_id)
     model.validate_inputs = False  # the collator expands <image> itself; the check costs a host sync
     model.fused_cross_entropy = cfg.model.fused_cross_entropy  # the LM head on target tokens only
-    matmul_params = count_params(model.language_model.layers) + model.language_model.lm_head.weight.numel()
+    flop_count = TrainingFlops(model)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every_k)
     apply_fsdp(model, build_mesh(info, cfg.parallel.replicate), cfg.parallel.param_dtype, cfg.parallel.reduce_dtype)
     model.train()
@@ -208,26 +209,30 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
     agent = ParentWatch()
     clock = Throughput()
     peak = gpu_peak_flops(info.device)
-    flops_per_token = training_flops_per_token(
-        matmul_params, len(model.language_model.layers), model.language_model.config.hidden_size, cfg.data.max_length
-    )
 
     validator = build_validator(cfg, info.rank, info.world_size)
     end_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    profiler = StepProfiler(cfg.logging.profile_steps, out_dir, info.rank, info.device)
     for step in range(start_step, end_step):
         agent.check()  # orphaned by a dead torchrun agent: stop before a relaunch trains beside us
+        profiler.step_begins(step + 1)
         alpha = current_alpha(cfg, step)
+        waited = time.perf_counter()
         micro_batches = [data.next_batch(info.device) for _ in range(cfg.data.grad_accum_steps)]
+        acc.add(data_wait_s=time.perf_counter() - waited,
+                flops=sum(flop_count.micro_batch(mb, count_targets(mb)) for mb in micro_batches))
         train_step(model, optimizer, params, micro_batches, step, alpha, cfg, info, acc, scalars)
         scheduler.step()
         done = step + 1
+        profiler.step_ends(done)
 
         val = {}
         if validator is not None and (done % cfg.eval.every == 0 or done == end_step):
             val = validator(model, alpha, info.device)
         if done % cfg.logging.log_every == 0 or done == end_step or val:
             totals = acc.reduce_and_reset(info.world_size)
-            tokens_per_s = totals["tokens"] / clock.lap()
+            elapsed = clock.lap()
+            tokens_per_s = totals["tokens"] / elapsed
             logger.log({
                 "step": done,
                 **{name: totals[name] for name in ("loss", "ce", "kl_v", "kl_t")},
@@ -235,7 +240,9 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": totals["grad_norm"],
                 "tokens_per_s": tokens_per_s,
-                "mfu": None if peak is None else flops_per_token * tokens_per_s / (peak * info.world_size),
+                "tflops_per_s": totals["flops"] / elapsed / info.world_size / 1e12,  # per rank
+                "mfu": None if peak is None else totals["flops"] / elapsed / (peak * info.world_size),
+                "data_wait_ms": 1e3 * totals["data_wait_s"],
                 "skipped_steps": totals["skipped_steps"],
                 "empty_steps": totals["empty_steps"],
                 "skipped_records": totals["skipped_records"],
@@ -251,6 +258,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
                             {"scheduler": scheduler.state_dict(), "data": data.state_dict(),
                              "schedule": schedule_options(cfg)},
                             cfg.checkpoint.keep_last)
+    profiler.finish()
     logger.close()
 
     outputs = {"output_dir": str(out_dir), "metrics": str(logger.path),
