@@ -41,33 +41,40 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
                                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Summed CE over all rows (every target valid) and, as asked, d(sum)/d hidden, d(sum)/d weight."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    compute_grads = grad_of_hidden or grad_of_weight
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if grad_of_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_of_weight else None
     step = chunk_rows(vocab)
     for start in range(0, rows, step):
-        h, t = hidden[start:start + step], targets[start:start + step, None]
-        logits = (h @ weight.T).float()  # fp32 input: the matmul output itself, no copy
-        target_logit = logits.gather(1, t)
-        row_max = logits.amax(dim=1, keepdim=True)
-        exp = logits.sub_(row_max).exp_()  # in place: the chunk's only [rows, V] fp32 buffer
-        sum_exp = exp.sum(dim=1, keepdim=True)
-        loss += (sum_exp.log() + row_max - target_logit).sum()  # log-sum-exp - target logit
-        if not compute_grads:
-            continue
-        dlogits = exp.div_(sum_exp)  # softmax
-        dlogits.scatter_add_(1, t, torch.full_like(t, -1.0, dtype=dlogits.dtype))  # - onehot
-        dlogits = dlogits.to(hidden.dtype)
-        if grad_of_hidden:
-            torch.mm(dlogits, weight, out=grad_hidden[start:start + step])
-        if not grad_of_weight:
-            continue
-        if hidden.dtype == torch.float32:
-            torch.addmm(grad_weight, dlogits.T, h, out=grad_weight)  # in place: no [V, d] temporary per chunk
-        else:  # low precision: product in the input dtype (fp32 accumulate inside), summed in fp32
-            grad_weight += (dlogits.T @ h).float()
+        loss += _chunk(hidden[start:start + step], weight, targets[start:start + step, None],
+                       None if grad_hidden is None else grad_hidden[start:start + step], grad_weight)
     return loss, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, grad_h: torch.Tensor | None,
+           grad_weight: torch.Tensor | None) -> torch.Tensor:
+    """One chunk: returns its summed CE, writes dh into ``grad_h``, adds dW into ``grad_weight``.
+    A function of its own so the chunk's [rows, V] buffer is freed before the next one exists."""
+    logits = (h @ weight.T).float()  # fp32 input: the matmul output itself, no copy
+    target_logit = logits.gather(1, t)
+    row_max = logits.amax(dim=1, keepdim=True)
+    exp = logits.sub_(row_max).exp_()  # in place: the chunk's only [rows, V] fp32 buffer
+    sum_exp = exp.sum(dim=1, keepdim=True)
+    loss = (sum_exp.log() + row_max - target_logit).sum()  # log-sum-exp - target logit
+    if grad_h is None and grad_weight is None:
+        return loss
+    dlogits = exp.div_(sum_exp)  # softmax
+    dlogits.scatter_add_(1, t, torch.full_like(t, -1.0, dtype=dlogits.dtype))  # - onehot
+    dlogits = dlogits.to(h.dtype)
+    if grad_h is not None:
+        torch.mm(dlogits, weight, out=grad_h)
+    if grad_weight is None:
+        return loss
+    if h.dtype == torch.float32:
+        torch.addmm(grad_weight, dlogits.T, h, out=grad_weight)  # in place: no [V, d] temporary per chunk
+    else:  # low precision: product in the input dtype (fp32 accumulate inside), summed in fp32
+        grad_weight += (dlogits.T @ h).float()
+    return loss
 
 
 class LinearCrossEntropySum(torch.autograd.Function):

@@ -244,7 +244,8 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int) -> BatchStream:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=d.micro_batch_size, sampler=sampler,
         collate_fn=LlavaCollator.from_dataset(dataset, pack=d.packing),
-        num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+        num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),  # pinned: async host->device copies
+        prefetch_factor=d.prefetch_factor if d.num_workers else None, persistent_workers=d.num_workers > 0,
     )
     return BatchStream(loader, sampler, vocab_size=len(tokenizer), image_token_id=dataset.image_token_id)
 

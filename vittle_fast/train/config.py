@@ -103,7 +103,8 @@ class DataSection:
     mega_batch_mult: int = opt(8, "length grouping: sort within groups of this many global batches")
     packing: bool = opt(False, "pack each micro-batch into one row (position ids restart per sample)")
     strict: bool = opt(False, "raise on a bad record (naming it) instead of skipping and counting it")
-    num_workers: int = opt(0, "DataLoader worker processes")
+    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the training process)")
+    prefetch_factor: int = opt(2, "micro-batches each worker prepares ahead (num_workers > 0)")
 
 
 @dataclass
@@ -193,8 +194,11 @@ class TrainConfig:
             "checkpoint.keep_last": self.checkpoint.keep_last,
             "parallel.replicate": self.parallel.replicate,
             "parallel.ac_every_k": self.parallel.ac_every_k,
+            "data.prefetch_factor": self.data.prefetch_factor,
         }
         found += [f"{name} must be >= 1, got {value}" for name, value in positive.items() if value < 1]
+        if self.data.num_workers < 0:
+            found.append(f"data.num_workers must be >= 0, got {self.data.num_workers}")
         if self.eval.every < 0 or self.eval.max_samples < 0:
             found.append(f"eval.every and eval.max_samples must be >= 0, got {self.eval.every}, {self.eval.max_samples}")
         if self.eval.every and not (self.eval.data_path or self.data.demo):
