@@ -20,6 +20,7 @@ _BUILD_HINT = (
     "from the repository root; a C++17 compiler is needed, plus nvcc for the CUDA kernel"
 )
 _FWD_OP = "vittle_fast::fused_sample_kl_fwd"
+_OPS = ("fused_sample_kl_fwd", "fused_sample_kl_bwd", "vib_bottleneck_fwd", "vib_bottleneck_bwd")
 
 
 def _load() -> str:
@@ -33,8 +34,9 @@ def _load() -> str:
     except (ImportError, OSError) as exc:
         source = library or "vittle_fast._C"
         return f"the C++ extension ({source}) could not be loaded: {exc}; {_BUILD_HINT}"
-    if not hasattr(torch.ops.vittle_fast, "fused_sample_kl_fwd"):
-        return f"the C++ extension loaded but did not register {_FWD_OP}; rebuild it: {_BUILD_HINT}"
+    missing = [op for op in _OPS if not hasattr(torch.ops.vittle_fast, op)]
+    if missing:  # e.g. a build older than the sources
+        return f"the C++ extension loaded but did not register {missing}; rebuild it: {_BUILD_HINT}"
     return ""
 
 
