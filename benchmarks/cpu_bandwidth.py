@@ -38,16 +38,16 @@ def _case(n: int, d: int, dtype: torch.dtype, direction: str):
     """(op thunk, op bytes moved, output shapes) for one configuration."""
     g = torch.Generator().manual_seed(0)
     stats = torch.cat([torch.randn(n, d, generator=g), 3 * torch.randn(n, d, generator=g)], dim=-1).to(dtype)
-    scalars = (0.5, 1234, 0, None, None, *CLAMP, 1.0, True)
+    scalars = (0.5, 1234, 0, torch.empty(0), torch.empty(0), *CLAMP, 1.0, True)  # empty priors: the fixed prior
     size = torch.tensor([], dtype=dtype).element_size()
     if direction == "fwd":
         h = torch.randn(n, d, generator=g).to(dtype)
         moved = n * d * size * 4 + n * 4  # h + stats (2D) in, z_hat + kl out
-        return (lambda: cpp.forward(h, stats, *scalars)), moved, [((n, d), dtype), ((n,), torch.float32)]
+        return (lambda: cpp.vib_sample_kl.forward(h, stats, *scalars)), moved, [((n, d), dtype), ((n,), torch.float32)]
     grad_z = torch.randn(n, d, generator=g).to(dtype)
     grad_kl = torch.randn(n, generator=g)
     moved = n * d * size * 6 + n * 4  # grad_z + stats + grad_kl in, grad_h + grad_stats out
-    return (lambda: cpp.backward(grad_z, grad_kl, stats, *scalars)), moved, [((n, d), dtype), ((n, 2 * d), dtype)]
+    return (lambda: cpp.vib_sample_kl.backward(grad_z, grad_kl, stats, *scalars)), moved, [((n, d), dtype), ((n, 2 * d), dtype)]
 
 
 def _median_seconds(fns: dict, rounds: int) -> dict:

@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vittle_fast.models import LlavaVittle
 from vittle_fast.nn import VittleConfig
-from vittle_fast.ops.vib_sample_kl import resolve_backend
+from vittle_fast.ops.backends import resolve_backend
 
 IMAGE_TOKEN_ID = 3
 

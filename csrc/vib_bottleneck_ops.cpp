@@ -56,9 +56,8 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
     check_param(b1s[g], "b1s", gi, {d}, h);
     check_param(w2s[g], "w2s", gi, {2 * d, d}, h);
     check_param(b2s[g], "b2s", gi, {2 * d}, h);
-    const auto present = [](const at::Tensor& t) { return t.numel() ? OptionalTensor(t) : std::nullopt; };
-    const OptionalTensor prior_mu = present(prior_mus[g]);
-    const OptionalTensor prior_logvar = present(prior_logvars[g]);
+    const OptionalTensor prior_mu = prior_or_none(prior_mus[g]);
+    const OptionalTensor prior_logvar = prior_or_none(prior_logvars[g]);
     TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
                 "prior_mus[", g, "] and prior_logvars[", g, "] must both be [D] or both be empty");
     for (const OptionalTensor& prior : {prior_mu, prior_logvar}) {

@@ -23,6 +23,12 @@ struct FusedCall {
 };
 
 using OptionalTensor = std::optional<at::Tensor>;
+
+// The op schemas take the fixed prior as an empty [0] tensor ("no prior" below the Python API);
+// the kernels take None.
+inline OptionalTensor prior_or_none(const at::Tensor& prior) {
+  return prior.numel() ? OptionalTensor(prior) : std::nullopt;
+}
 using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

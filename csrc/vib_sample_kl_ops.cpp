@@ -1,5 +1,6 @@
 // Operator registration: vittle_fast::fused_sample_kl_fwd / fused_sample_kl_bwd for the CPU, CUDA
-// (when built with CUDA) and Meta dispatch keys.
+// (when built with CUDA) and Meta dispatch keys. The fixed prior is an empty [0] prior_mu /
+// prior_logvar (the "no prior" convention below the Python API, docs/ops.md).
 //
 // The Python layer registers vittle_fast::vib_sample_kl{,_backward} with torch.library.custom_op in
 // the same namespace, so this file only ever adds a FRAGMENT to it.
@@ -79,9 +80,11 @@ FusedCall make_call(const at::Tensor& dim_source, const at::Tensor& stats, doubl
 
 ForwardResult fused_sample_kl_fwd(const at::Tensor& h, const at::Tensor& stats, double alpha, int64_t seed,
                                   int64_t offset, const OptionalTensor& alpha_t, const OptionalTensor& seed_t,
-                                  const OptionalTensor& offset_t, const OptionalTensor& prior_mu,
-                                  const OptionalTensor& prior_logvar, double clamp_lo, double clamp_hi,
+                                  const OptionalTensor& offset_t, const at::Tensor& prior_mu_arg,
+                                  const at::Tensor& prior_logvar_arg, double clamp_lo, double clamp_hi,
                                   double kl_logvar_coef, bool sample) {
+  const OptionalTensor prior_mu = prior_or_none(prior_mu_arg);
+  const OptionalTensor prior_logvar = prior_or_none(prior_logvar_arg);
   const FusedCall call = make_call(h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar,
                                    clamp_lo, clamp_hi, kl_logvar_coef, sample);
 #ifdef VITTLE_FAST_WITH_CUDA
@@ -93,8 +96,10 @@ ForwardResult fused_sample_kl_fwd(const at::Tensor& h, const at::Tensor& stats, 
 BackwardResult fused_sample_kl_bwd(const at::Tensor& grad_z_hat, const at::Tensor& grad_kl, const at::Tensor& stats,
                                    double alpha, int64_t seed, int64_t offset, const OptionalTensor& alpha_t,
                                    const OptionalTensor& seed_t, const OptionalTensor& offset_t,
-                                   const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
+                                   const at::Tensor& prior_mu_arg, const at::Tensor& prior_logvar_arg,
                                    double clamp_lo, double clamp_hi, double kl_logvar_coef, bool sample) {
+  const OptionalTensor prior_mu = prior_or_none(prior_mu_arg);
+  const OptionalTensor prior_logvar = prior_or_none(prior_logvar_arg);
   const FusedCall call = make_call(grad_z_hat, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
                                    prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample);
   TORCH_CHECK(grad_kl.scalar_type() == at::kFloat && grad_kl.dim() == 1 && grad_kl.size(0) == call.n_tokens &&
@@ -141,15 +146,15 @@ std::vector<int64_t> cuda_launch_geometry(int64_t n_tokens, int64_t dim, int64_t
 // Shape-only implementations so torch.compile / FakeTensor can trace the ops.
 ForwardResult fused_sample_kl_fwd_meta(const at::Tensor& h, const at::Tensor& stats, double, int64_t, int64_t,
                                        const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
-                                       const OptionalTensor&, const OptionalTensor&, double, double, double, bool) {
+                                       const at::Tensor&, const at::Tensor&, double, double, double, bool) {
   return {at::empty_like(h), at::empty({h.size(0)}, h.options().dtype(at::kFloat))};
 }
 
 BackwardResult fused_sample_kl_bwd_meta(const at::Tensor& grad_z_hat, const at::Tensor&, const at::Tensor& stats,
                                         double, int64_t, int64_t, const OptionalTensor&, const OptionalTensor&,
-                                        const OptionalTensor&, const OptionalTensor& prior_mu,
-                                        const OptionalTensor&, double, double, double, bool) {
-  const int64_t prior_size = prior_mu.has_value() ? grad_z_hat.size(1) : 0;
+                                        const OptionalTensor&, const at::Tensor& prior_mu,
+                                        const at::Tensor&, double, double, double, bool) {
+  const int64_t prior_size = prior_mu.numel() ? grad_z_hat.size(1) : 0;
   const auto fp32 = stats.options().dtype(at::kFloat);
   return {at::empty_like(grad_z_hat), at::empty_like(stats), at::empty({prior_size}, fp32),
           at::empty({prior_size}, fp32)};
@@ -160,11 +165,11 @@ BackwardResult fused_sample_kl_bwd_meta(const at::Tensor& grad_z_hat, const at::
 TORCH_LIBRARY_FRAGMENT(vittle_fast, m) {
   m.def(
       "fused_sample_kl_fwd(Tensor h, Tensor stats, float alpha, int seed, int offset, Tensor? alpha_t, "
-      "Tensor? seed_t, Tensor? offset_t, Tensor? prior_mu, Tensor? prior_logvar, float clamp_lo, float clamp_hi, "
+      "Tensor? seed_t, Tensor? offset_t, Tensor prior_mu, Tensor prior_logvar, float clamp_lo, float clamp_hi, "
       "float kl_logvar_coef, bool sample) -> (Tensor z_hat, Tensor kl)");
   m.def(
       "fused_sample_kl_bwd(Tensor grad_z_hat, Tensor grad_kl, Tensor stats, float alpha, int seed, int offset, "
-      "Tensor? alpha_t, Tensor? seed_t, Tensor? offset_t, Tensor? prior_mu, Tensor? prior_logvar, float clamp_lo, "
+      "Tensor? alpha_t, Tensor? seed_t, Tensor? offset_t, Tensor prior_mu, Tensor prior_logvar, float clamp_lo, "
       "float clamp_hi, float kl_logvar_coef, bool sample) "
       "-> (Tensor grad_h, Tensor grad_stats, Tensor grad_prior_mu, Tensor grad_prior_logvar)");
   m.def("philox_uint32(int seed, Tensor counters) -> Tensor");

@@ -17,3 +17,9 @@ def make_inputs(lead_shape, d, dtype, learnable_prior, generator_seed=0):
     grad_z = torch.randn(*lead_shape, d, generator=g).to(dtype)
     grad_kl = torch.randn(*lead_shape, generator=g)
     return h, stats, priors, grad_z, grad_kl
+
+
+def launcher_priors(prior_mu, prior_logvar):
+    """The priors as the launchers and custom ops take them: the fixed prior is an empty [0] tensor
+    ("no prior" below the public API, docs/ops.md)."""
+    return tuple(torch.empty(0) if p is None else p for p in (prior_mu, prior_logvar))

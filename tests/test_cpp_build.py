@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from op_inputs import make_inputs
+from op_inputs import launcher_priors, make_inputs
 from tolerances import TOL
 
 from vittle_fast.ops import cpp
@@ -155,9 +155,9 @@ def test_noise_matches_triton_backend(n, d, offset):
     triton_backend = _triton_backend()
     h = torch.randn(n, d)
     stats = torch.zeros(n, 2 * d)
-    args = (h, stats, 1.0, -987654321, offset, None, None, -float("inf"), float("inf"), 1.0, True)
-    eps_cpp, _ = cpp.forward(*args)
-    eps_triton, _ = triton_backend.forward(*args)
+    args = (h, stats, 1.0, -987654321, offset, *launcher_priors(None, None), -float("inf"), float("inf"), 1.0, True)
+    eps_cpp, _ = cpp.vib_sample_kl.forward(*args)
+    eps_triton, _ = triton_backend.vib_sample_kl.forward(*args)
     torch.testing.assert_close(eps_cpp, eps_triton, **TOL["noise"])
 
 
@@ -165,17 +165,14 @@ def test_noise_matches_triton_backend(n, d, offset):
 @pytest.mark.parametrize("learnable_prior", [False, True])
 def test_outputs_and_gradients_match_triton_backend(learnable_prior):
     triton_backend = _triton_backend()
-    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((6,), 40, torch.float32, learnable_prior)
-    scalars = (0.7, 2**40 + 3, 12, prior_mu, prior_logvar, *CLAMP, 0.5, True)
+    h, stats, priors, grad_z, grad_kl = make_inputs((6,), 40, torch.float32, learnable_prior)
+    scalars = (0.7, 2**40 + 3, 12, *launcher_priors(*priors), *CLAMP, 0.5, True)
     results = {}
     for name, backend in (("cpp", cpp), ("triton", triton_backend)):
-        z_hat, kl = backend.forward(h, stats, *scalars)
-        grads = backend.backward(grad_z, grad_kl, stats, *scalars)
+        z_hat, kl = backend.vib_sample_kl.forward(h, stats, *scalars)
+        grads = backend.vib_sample_kl.backward(grad_z, grad_kl, stats, *scalars)
         results[name] = (z_hat, kl, *grads)
     for got, expected in zip(results["cpp"], results["triton"]):
-        if expected is None:
-            assert got is None
-            continue
         torch.testing.assert_close(got, expected, **TOL["float32"])
 
 
@@ -191,7 +188,8 @@ def test_results_do_not_depend_on_the_thread_count():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            runs.append((*cpp.forward(h, stats, *scalars), *cpp.backward(grad_z, grad_kl, stats, *scalars)))
+            runs.append((*cpp.vib_sample_kl.forward(h, stats, *scalars),
+                         *cpp.vib_sample_kl.backward(grad_z, grad_kl, stats, *scalars)))
     finally:
         torch.set_num_threads(previous)
     for single, multi in zip(*runs):
@@ -221,13 +219,14 @@ def test_avx512_rows_equal_portable_rows_bitwise(monkeypatch, dtype, n, d):
         flat = stats.view(-1)
         flat[::97], flat[5::101], flat[7::103], flat[11::107] = float("nan"), 200.0, -300.0, float("inf")
         for sample, clamp in ((True, CLAMP), (False, CLAMP), (True, (-float("inf"), float("inf")))):
-            cases.append((h, stats, grad_z, grad_kl, (0.3, -(2**40) - 5, 2**33 + 3, *priors, *clamp, 0.5, sample)))
+            cases.append((h, stats, grad_z, grad_kl,
+                          (0.3, -(2**40) - 5, 2**33 + 3, *launcher_priors(*priors), *clamp, 0.5, sample)))
     outputs = {}
     for path in ("1", "0"):
         monkeypatch.setenv("VITTLE_FAST_CPU_AVX512", path)
         assert torch.ops.vittle_fast.cpu_row_kernel(d) == ("avx512" if path == "1" else "portable")
         outputs[path] = [
-            (*cpp.forward(h, stats, *scalars), *cpp.backward(grad_z, grad_kl, stats, *scalars))
+            (*cpp.vib_sample_kl.forward(h, stats, *scalars), *cpp.vib_sample_kl.backward(grad_z, grad_kl, stats, *scalars))
             for h, stats, grad_z, grad_kl, scalars in cases
         ]
     for simd, portable in zip(outputs["1"], outputs["0"]):
@@ -243,8 +242,9 @@ def test_meta_kernels_give_output_shapes():
     h = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
     stats = torch.empty(4, 16, device="meta", dtype=torch.bfloat16)
     prior = torch.empty(8, device="meta")
-    z_hat, kl = torch.ops.vittle_fast.fused_sample_kl_fwd(h, stats, 0.5, 1, 0, *[None] * 3, None, None, *CLAMP, 1.0,
-                                                           True)
+    no_prior = torch.empty(0, device="meta")
+    z_hat, kl = torch.ops.vittle_fast.fused_sample_kl_fwd(h, stats, 0.5, 1, 0, *[None] * 3, no_prior, no_prior, *CLAMP,
+                                                           1.0, True)
     assert (z_hat.shape, z_hat.dtype, kl.shape, kl.dtype) == (h.shape, h.dtype, (4,), torch.float32)
     grads = torch.ops.vittle_fast.fused_sample_kl_bwd(
         h, torch.empty(4, device="meta"), stats, 0.5, 1, 0, *[None] * 3, prior, prior, *CLAMP, 1.0, True

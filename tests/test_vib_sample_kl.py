@@ -11,13 +11,14 @@ import os
 import pytest
 import torch
 import torch._dynamo.testing
-from op_inputs import make_inputs
+from op_inputs import launcher_priors, make_inputs
 from tolerances import TOL, tol
 
 from vittle_fast.ops import available_backends, vib_sample_kl
 from vittle_fast.ops.philox import normal_noise
 from vittle_fast.ops.reference import vib_sample_kl_reference
-from vittle_fast.ops.vib_sample_kl import _fused_backward, _fused_forward, resolve_backend
+from vittle_fast.ops.backends import resolve_backend
+from vittle_fast.ops.vib_sample_kl import _fused_backward, _fused_forward
 
 CPU_KERNEL_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
 # On a machine with a GPU the correctness tests also run every CUDA backend ("name@cuda"; run with
@@ -218,7 +219,8 @@ def tensor_scalars(alpha, seed, offset, device="cpu"):
 @pytest.mark.parametrize("learnable_prior", [False, True])
 @pytest.mark.parametrize("as_tensors", [False, True], ids=["python_scalars", "tensor_scalars"])
 def test_opcheck(backend, learnable_prior, as_tensors):
-    h, stats, (prior_mu, prior_logvar), grad_z, grad_kl = make_inputs((4,), 12, torch.float32, learnable_prior)
+    h, stats, priors, grad_z, grad_kl = make_inputs((4,), 12, torch.float32, learnable_prior)
+    prior_mu, prior_logvar = launcher_priors(*priors)
     scalars = (0.0, 0, 0, *tensor_scalars(ALPHA, 7, 3)) if as_tensors else (ALPHA, 7, 3, None, None, None)
     options = (-2.3025, 2.3025, 1.0, True, backend)
     leaf = lambda t: None if t is None else t.clone().requires_grad_()  # noqa: E731

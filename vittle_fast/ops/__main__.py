@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import available_backends, vib_sample_kl
-from .vib_sample_kl import BACKENDS, _backend_module
+from .backends import BACKENDS, REGISTRY, unavailable_reason
 
 
 def _noise_statistics(eps: torch.Tensor) -> str:
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tokens, args.dim = 8, 16
 
     if not args.check:
-        for name in ("triton", "cpp"):
-            _, reason = _backend_module(name)
+        for name in REGISTRY:
+            reason = unavailable_reason(name)
             print(f"backend {name:9s}: {'importable' if not reason else 'unavailable - ' + reason}")
         print(f"backends usable on CPU tensors: {available_backends('cpu')}")
 

@@ -6,7 +6,7 @@
 ``vib_bottleneck`` runs it on every row of ``h``; ``vib_bottleneck_grouped`` runs one MLP per group of
 rows (Vittle: visual and text tokens), the rows of each group picked by ``order``, all groups in one
 launch per pass. The contract is docs/DESIGN.md §2b. Layers, as for ``vib_sample_kl``: backend
-launchers (``triton/vib_bottleneck.py``, ``cpp.py`` -> ``csrc/vib_bottleneck_*``) -> two
+launchers (``triton/vib_bottleneck.py``, ``cpp/vib_bottleneck.py`` -> ``csrc/vib_bottleneck_*``) -> two
 ``torch.library.custom_op``s (forward, backward) wired with ``register_autograd`` -> the functional API.
 
 Saved for backward beyond the inputs: the GELU pre-activation ``[M, D]`` and ``stats`` ``[M, 2D]`` in
@@ -23,7 +23,9 @@ import torch
 from .philox import normal_noise
 from .reference import KL_LOGVAR_COEF, vib_bottleneck_grouped_reference
 from .scalars import scalar_args, value_or_tensor
-from .vib_sample_kl import _check_tensor, _launcher, _validate_tail_options, resolve_backend
+from . import backends
+from .backends import resolve_backend
+from .vib_sample_kl import _check_tensor, _validate_tail_options
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -63,7 +65,7 @@ def _bottleneck_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out [N, D], kl [M] fp32, preact [M, D], stats [M or 0, 2D])``; the last two are saved for
     backward (``order=None``: one group of all rows, in order)."""
-    return _launcher(backend).vib_bottleneck_forward(
+    return backends.module(backend).vib_bottleneck.forward(
         h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t),
         value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample,
         recompute,
@@ -110,7 +112,7 @@ def _bottleneck_backward(
            list[torch.Tensor], list[torch.Tensor]]:
     """``(grad_h, grad_w1s, grad_b1s, grad_w2s, grad_b2s, grad_prior_mus, grad_prior_logvars)``; a
     group without a prior gets empty ``[0]`` prior gradients."""
-    return _launcher(backend).vib_bottleneck_backward(
+    return backends.module(backend).vib_bottleneck.backward(
         grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t),
         value_or_tensor(seed, seed_t), value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo,
         clamp_hi, kl_logvar_coef, sample, recompute, preact, stats,

@@ -1,6 +1,7 @@
 """Public fused op: Vittle's reparameterised sampling + interpolation + per-token KL.
 
-Layers, Liger-Kernel style: backend launchers (``triton/``, ``cpp.py``) -> two
+Layers, Liger-Kernel style: backend launchers (``triton/vib_sample_kl.py``, ``cpp/vib_sample_kl.py``,
+chosen through ``backends.py``) -> two
 ``torch.library.custom_op``s (forward, backward) wired with ``register_autograd`` -> the functional
 API ``vib_sample_kl`` that validates arguments and picks a backend. The contract is docs/DESIGN.md §2.
 
@@ -9,90 +10,22 @@ regenerated from ``(seed, offset)`` and ``h`` is not needed because ``dL/dh = (1
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
-import os
-from types import ModuleType
 
 import torch
 
+from . import backends
+from .backends import resolve_backend
 from .philox import normal_noise
 from .reference import KL_LOGVAR_COEF, vib_sample_kl_reference
 from .scalars import scalar_args, value_or_tensor
 
-BACKENDS = ("reference", "triton", "cpp", "auto")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# --------------------------------------------------------------------------------------------
-# Backend discovery
-# --------------------------------------------------------------------------------------------
-@functools.cache
-def _backend_module(name: str) -> tuple[ModuleType | None, str]:
-    """Import a compiled backend lazily; return (module or None, reason it is unavailable)."""
-    module_name = {"triton": "vittle_fast.ops.triton", "cpp": "vittle_fast.ops.cpp"}[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:  # triton not installed, extension not built, ...
-        return None, f"cannot import {module_name}: {exc}"
-    if not module.is_available():
-        return None, module.load_error()
-    return module, ""
-
-
-def _backend_works_on(name: str, device_type: str) -> bool:
-    if name == "reference":
-        return True
-    module, _ = _backend_module(name)
-    if module is None:
-        return False
-    if name == "triton" and device_type == "cpu":
-        return os.environ.get("TRITON_INTERPRET") == "1"
-    if name == "cpp" and device_type == "cuda":
-        return module.has_cuda()
-    return device_type in ("cpu", "cuda")
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run the op on ``device`` here (``"reference"`` always can)."""
-    device_type = torch.device(device).type
-    return [name for name in ("reference", "triton", "cpp") if _backend_works_on(name, device_type)]
-
-
-@torch.compiler.assume_constant_result  # runs once at trace time: imports are not traceable
-def resolve_backend(backend: str, device_type: str) -> str:
-    """Turn ``"auto"`` into a concrete backend and check an explicit choice can run on ``device_type``.
-
-    ``auto``: on CUDA, Triton then the CUDA extension; on CPU, the C++ kernel (the Triton
-    interpreter is a correctness tool, far too slow for training), else the reference.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        order = ("triton", "cpp") if device_type == "cuda" else ("cpp",)
-        return next((name for name in order if _backend_works_on(name, device_type)), "reference")
-    if not _backend_works_on(backend, device_type):
-        _, reason = _backend_module(backend) if backend != "reference" else (None, "")
-        if backend == "triton" and device_type == "cpu" and not reason:
-            reason = "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
-        raise RuntimeError(
-            f"backend={backend!r} cannot run on {device_type} tensors here: "
-            f"{reason or 'no kernel for this device'}. Available: {available_backends(device_type)}"
-        )
-    return backend
 
 
 # --------------------------------------------------------------------------------------------
 # Custom ops (what torch.compile and autograd see)
 # --------------------------------------------------------------------------------------------
-def _launcher(backend: str) -> ModuleType:
-    module, reason = _backend_module(backend)
-    if module is None:
-        raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
-    return module
-
-
 @torch.library.custom_op("vittle_fast::vib_sample_kl", mutates_args=())
 def _fused_forward(
     h: torch.Tensor,
@@ -103,8 +36,8 @@ def _fused_forward(
     alpha_t: torch.Tensor | None,
     seed_t: torch.Tensor | None,
     offset_t: torch.Tensor | None,
-    prior_mu: torch.Tensor | None,
-    prior_logvar: torch.Tensor | None,
+    prior_mu: torch.Tensor,
+    prior_logvar: torch.Tensor,
     clamp_lo: float,
     clamp_hi: float,
     kl_logvar_coef: float,
@@ -112,7 +45,7 @@ def _fused_forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalars as ``(value, tensor or None)`` pairs (ops/scalars.py); the launchers take either."""
-    return _launcher(backend).forward(
+    return backends.module(backend).vib_sample_kl.forward(
         h, stats, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
         prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
@@ -134,8 +67,8 @@ def _fused_backward(
     alpha_t: torch.Tensor | None,
     seed_t: torch.Tensor | None,
     offset_t: torch.Tensor | None,
-    prior_mu: torch.Tensor | None,
-    prior_logvar: torch.Tensor | None,
+    prior_mu: torch.Tensor,
+    prior_logvar: torch.Tensor,
     clamp_lo: float,
     clamp_hi: float,
     kl_logvar_coef: float,
@@ -143,21 +76,18 @@ def _fused_backward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_h, grad_stats, grad_prior_mu, grad_prior_logvar); the prior gradients are
-    empty ``[0]`` tensors for the fixed prior (a custom op cannot return None)."""
-    grad_h, grad_stats, grad_mu_p, grad_lv_p = _launcher(backend).backward(
+    empty ``[0]`` tensors for the fixed prior (whose priors are empty tensors too)."""
+    return backends.module(backend).vib_sample_kl.backward(
         grad_z_hat, grad_kl, stats,
         value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
         prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
-    if prior_mu is None:  # two distinct tensors: custom-op outputs may not alias each other
-        grad_mu_p, grad_lv_p = (stats.new_empty((0,), dtype=torch.float32) for _ in range(2))
-    return grad_h, grad_stats, grad_mu_p, grad_lv_p
 
 
 @_fused_backward.register_fake
 def _fused_backward_fake(grad_z_hat, grad_kl, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
                          *args):
-    prior_shape = (0,) if prior_mu is None else prior_mu.shape
+    prior_shape = prior_mu.shape
     return (
         torch.empty_like(grad_z_hat),
         torch.empty_like(stats),
@@ -185,7 +115,7 @@ def _backward(ctx, grad_z_hat, grad_kl):
         grad_z_hat.contiguous(), grad_kl.float().contiguous(), stats, *ctx.scalars, *scalar_tensors,
         prior_mu, prior_logvar, *ctx.options,
     )
-    if prior_mu is None:
+    if not prior_mu.numel():
         grad_mu_p = grad_lv_p = None
     return (grad_h, grad_stats) + (None,) * 6 + (grad_mu_p, grad_lv_p) + (None,) * len(ctx.options)
 
@@ -290,6 +220,8 @@ def vib_sample_kl(
     lead_shape, d = h.shape[:-1], h.shape[-1]
     if prior_mu is not None:  # the kernels read fp32 priors; autograd casts the gradient back
         prior_mu, prior_logvar = prior_mu.float().contiguous(), prior_logvar.float().contiguous()
+    elif backend != "reference":  # "no prior" below the public API: an empty tensor (docs/ops.md)
+        prior_mu = prior_logvar = h.new_empty((0,), dtype=torch.float32)
 
     if backend == "reference":
         noise = None

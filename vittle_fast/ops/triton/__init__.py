@@ -16,9 +16,7 @@ except ImportError as exc:  # no Linux wheel, broken install, ...
     _IMPORT_ERROR = f"triton is not importable: {exc}"
 else:
     _IMPORT_ERROR = ""
-    from .vib_bottleneck import backward as vib_bottleneck_backward  # noqa: F401
-    from .vib_bottleneck import forward as vib_bottleneck_forward  # noqa: F401
-    from .vib_sample_kl import backward, forward  # noqa: F401
+    from . import vib_bottleneck, vib_sample_kl  # noqa: F401  (one launcher module per op)
 
 
 def is_available() -> bool:

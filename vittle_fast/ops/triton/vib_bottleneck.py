@@ -1,5 +1,5 @@
 """Triton kernels and launchers of the fused bottleneck (contract: docs/DESIGN.md §2b; launcher
-interface as ``vittle_fast.ops.cpp.vib_bottleneck_forward`` / ``_backward``).
+interface: docs/ops.md, the same as ``vittle_fast/ops/cpp/vib_bottleneck.py``).
 
 Two grouped GEMM kernels; a "group" is a run of consecutive entries of ``order`` with its own MLP,
 prior and Philox offset (Vittle: visual, text). Up to two groups share a launch: the program's row

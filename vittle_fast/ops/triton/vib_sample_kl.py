@@ -326,8 +326,11 @@ def _scalar_launch_args(alpha, seed, offset) -> tuple:
 
 def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, clamp_hi,
             kl_logvar_coef, sample, *, config: LaunchConfig | None = None):
-    """(z_hat [N, D] h.dtype, kl [N] fp32). ``config`` overrides the launch choice (tests)."""
+    """(z_hat [N, D] h.dtype, kl [N] fp32); the fixed prior is an empty ``prior_mu`` / ``prior_logvar``.
+    ``config`` overrides the launch choice (tests)."""
     n_rows, d = h.shape
+    if not prior_mu.numel():  # the kernel's fixed prior: no pointers (LEARNABLE_PRIOR compiled out)
+        prior_mu = prior_logvar = None
     z_hat = torch.empty_like(h)
     kl = torch.empty(n_rows, dtype=torch.float32, device=h.device)
     if n_rows == 0:
@@ -346,9 +349,9 @@ def forward(h, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo, cla
 
 def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_logvar, clamp_lo,
              clamp_hi, kl_logvar_coef, sample, *, config: LaunchConfig | None = None):
-    """(grad_h, grad_stats [N, 2D], grad_prior_mu, grad_prior_logvar); prior grads None if fixed."""
+    """(grad_h, grad_stats [N, 2D], grad_prior_mu, grad_prior_logvar); prior grads empty if fixed."""
     n_rows, d = grad_z_hat.shape
-    learnable = prior_mu is not None
+    learnable = prior_mu.numel() > 0
     grad_h = torch.empty_like(grad_z_hat)
     grad_stats = torch.empty_like(stats)
     config = config or launch_config(n_rows, d, stats.device, bounded_programs=learnable)
@@ -357,14 +360,14 @@ def backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, prior_mu, prior_lo
     if n_rows:
         with _on_device(stats):
             _vib_sample_kl_bwd_kernel[(num_programs,)](
-                grad_z_hat, grad_kl, stats, prior_mu, prior_logvar,
+                grad_z_hat, grad_kl, stats, prior_mu if learnable else None, prior_logvar if learnable else None,
                 grad_h, grad_stats, partials,
                 n_rows, d, config.tiles_per_program,
                 *_scalar_launch_args(alpha, seed, offset), clamp_lo, clamp_hi, kl_logvar_coef,
                 LEARNABLE_PRIOR=learnable, SAMPLE=sample, ROWS=config.rows, BLOCK=config.block,
                 num_warps=config.num_warps, maxnreg=config.max_registers,
             )
-    if not learnable:
-        return grad_h, grad_stats, None, None
+    if not learnable:  # two distinct tensors: custom-op outputs may not alias each other
+        return grad_h, grad_stats, torch.empty_like(prior_mu), torch.empty_like(prior_logvar)
     # Fixed-order reductions over programs (zeros when N = 0); two sums so the grads don't alias.
     return grad_h, grad_stats, partials[0].sum(dim=0), partials[1].sum(dim=0)
