@@ -42,7 +42,7 @@ def test_string_options_keep_raw_text():
         (["--max_steps", "0"], "max_steps must be >= 1"),
         (["stop_at_step=-1"], "stop_at_step must be >= 0"),
         (["model.stage=1"], "vittle.enabled requires model.stage=2"),
-        (["vittle.logvar_clamp=[2, -2]"], "lo < hi"),
+        (["vittle.logvar_clamp=[2, -2]"], "vittle.logvar_clamp must be .low, high. with low < high"),
         (["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing must be one of"),
         (["vittle.routing=positional", "data.packing=true"], "vittle.routing=positional needs one sequence per row"),
     ],

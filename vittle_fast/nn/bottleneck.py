@@ -15,7 +15,9 @@ parameters still join the graph with a zero gradient (FSDP needs every parameter
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,6 +31,10 @@ NOISE_CALL_SHIFT = 38
 NOISE_CALL_INDEX = {"visual": 0, "text": 1}
 
 
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class VittleConfig:
     """Where and how strongly the bottleneck acts (docs/DESIGN.md §1).
@@ -38,25 +44,31 @@ class VittleConfig:
     code's ``bottleneck_layeridx_*="layer-24"`` does.
     """
 
-    layer_v: int
-    layer_t: int
-    beta_v: float = 0.1
-    beta_t: float = 0.1
-    prior: str = "fixed"  # "fixed" N(0, I) | "learnable"
-    kl_form: str = "standard"  # "standard" (Eq. 8) | "released"
-    kl_text_tokens: str = "prompt"  # "prompt" | "all"
-    logvar_clamp: tuple[float, float] | None = (-2.3025, 2.3025)
-    backend: str = "auto"
+    # Each field's ``help`` is also its ``--vittle.<name>`` help in the trainer, whose config section reuses
+    # these fields, types, defaults and this validation (train/config.py).
+    layer_v: int = field(metadata={"help": "0-based decoder block whose output the visual bottleneck transforms"})
+    layer_t: int = field(metadata={"help": "same for text tokens"})
+    beta_v: float = _opt(0.1, "weight of the visual KL (mean over tokens and dims)")
+    beta_t: float = _opt(0.1, "weight of the text KL")
+    prior: Literal["fixed", "learnable"] = _opt("fixed", "Vittle (F): N(0, I); Vittle (L): learnable mean/log-variance")
+    kl_form: Literal["standard", "released"] = _opt("standard", "Eq. 8, or the released code's KL (log-variance "
+                                                    "terms halved)")
+    kl_text_tokens: Literal["prompt", "all"] = _opt("prompt", "text tokens in the text KL: prompt (label ignored) "
+                                                    "or all")
+    logvar_clamp: tuple[float, float] | None = _opt((-2.3025, 2.3025), "[lo, hi] clamp of log-variances "
+                                                    "(straight-through); null = off")
+    backend: str = _opt("auto", "vib_sample_kl backend: auto | triton | cpp | reference")
     # Which tokens count as visual. "exact": the image tokens themselves (where features were spliced).
     # "positional": the released code's split, for evaluating released checkpoints the released way:
     # ``image_seq_len = L - text_tok_length`` (L: length after expanding each <image> placeholder into P
     # tokens, text_tok_length: before), i.e. each sequence's first images x (P - 1) tokens are "visual"
     # -- the system prompt included -- and the rest, the last image tokens included, are "text".
-    routing: str = "exact"
+    routing: Literal["exact", "positional"] = _opt("exact", "visual tokens: the image tokens (exact) or the "
+                                                   "released code's positional split (first images x (P-1) tokens)")
     # The alpha a trained model runs with: the final value of its training schedule (the trainer stores
     # it in the export); ``LlavaVittle.forward`` and ``generate`` default to it.
-    alpha: float = 0.5
-    fused_mlp: bool = True  # the whole bottleneck as one fused op; False: nn.Sequential + vib_sample_kl
+    alpha: float = _opt(0.5, "alpha of a trained model (inference): its schedule's final value")
+    fused_mlp: bool = _opt(True, "the whole bottleneck as one fused op; false: nn.Sequential + vib_sample_kl")
 
     def __post_init__(self):
         for name in ("layer_v", "layer_t"):
@@ -68,10 +80,9 @@ class VittleConfig:
         for name in ("beta_v", "beta_t"):
             if getattr(self, name) < 0:
                 raise ValueError(f"VittleConfig.{name} must be >= 0, got {getattr(self, name)}")
-        choices = {"prior": ("fixed", "learnable"), "kl_form": ("standard", "released"),
-                   "kl_text_tokens": ("prompt", "all"), "routing": ("exact", "positional")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for name, hint in typing.get_type_hints(VittleConfig).items():
+            allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"VittleConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.logvar_clamp is not None:
             low, high = self.logvar_clamp

@@ -15,7 +15,7 @@ from vittle_fast.data.demo import make_demo_dataset
 from vittle_fast.models import LlavaVittle, clip_from_hf, llava_from_hf, text_model_from_hf
 from vittle_fast.nn import VittleConfig
 
-from .config import ConfigError, TrainConfig, apply_overrides
+from .config import ConfigError, TrainConfig, apply_overrides, vittle_config_of
 from .schedules import vittle_alpha
 
 
@@ -25,19 +25,9 @@ def vittle_config(cfg: TrainConfig, num_layers: int) -> VittleConfig | None:
     if not v.enabled:
         return None
     default_layer = (num_layers * 3) // 4  # layer 24 of 32: the top 25% of the decoder
-    return VittleConfig(
-        layer_v=default_layer if v.layer_v < 0 else v.layer_v,
-        layer_t=default_layer if v.layer_t < 0 else v.layer_t,
-        beta_v=v.beta_v,
-        beta_t=v.beta_t,
-        prior=v.prior,
-        kl_form=v.kl_form,
-        kl_text_tokens=v.kl_text_tokens,
-        logvar_clamp=v.logvar_clamp,
-        backend=v.backend,
-        routing=v.routing,
-        alpha=current_alpha(cfg, cfg.max_steps),  # where training ends: the exported model's default alpha
-    )
+    return vittle_config_of(v, layer_v=default_layer if v.layer_v < 0 else v.layer_v,
+                            layer_t=default_layer if v.layer_t < 0 else v.layer_t,
+                            alpha=current_alpha(cfg, cfg.max_steps))  # where training ends: the export's default
 
 
 def current_alpha(cfg: TrainConfig, step: int) -> float:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vittle_fast.nn.bottleneck import VittleConfig
+
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its `--help` text (the default is appended automatically)."""
@@ -56,29 +58,40 @@ class ModelSection:
                                     "(vittle_fast.ops.fused_linear_cross_entropy); false = full logits")
 
 
-@dataclass
-class VittleSection:
-    """The bottleneck (docs/DESIGN.md §1). `enabled=false` trains the plain LLaVA baseline."""
+def _vittle_section() -> type:
+    """The `vittle` section: the trainer's own options (enabled, the alpha schedule) plus every field of
+    `vittle_fast.nn.VittleConfig` -- its name, type, default and help -- so the two cannot drift; the
+    values are validated by building a VittleConfig (`TrainConfig.errors`). Differences: `layer_v` /
+    `layer_t` also take -1 (3/4 depth); `alpha` is not an option (the export gets the schedule's end value)."""
+    hints = typing.get_type_hints(VittleConfig)
+    fields = [("enabled", bool, opt(True, "false = LLaVA baseline without the bottleneck"))]
+    for f in dataclasses.fields(VittleConfig):
+        if f.name == "alpha":
+            continue
+        if f.name in ("layer_v", "layer_t"):
+            fields.append((f.name, int, opt(-1, f.metadata["help"] + "; -1 = 3/4 depth (24 of 32)")))
+        else:
+            fields.append((f.name, hints[f.name], opt(f.default, f.metadata["help"])))
+    fields += [
+        ("alpha_schedule", Literal["cosine", "sigmoid"], opt("cosine", "alpha ramp: paper (cosine) / released code")),
+        ("alpha_end", float, opt(0.5, "final alpha (also the inference value)")),
+        ("alpha_k", float, opt(10.0, "sigmoid steepness")),
+        ("alpha_t0", float, opt(0.5, "sigmoid midpoint, as a fraction of max_steps")),
+    ]
+    section = dataclasses.make_dataclass("VittleSection", fields)
+    section.__module__ = __name__
+    section.__doc__ = "The bottleneck (docs/DESIGN.md §1). `enabled=false` trains the plain LLaVA baseline."
+    return section
 
-    enabled: bool = opt(True, "false = LLaVA baseline without the bottleneck")
-    layer_v: int = opt(-1,
-                       "0-based decoder block whose output the visual bottleneck transforms; -1 = 3/4 depth (24 of 32)")
-    layer_t: int = opt(-1, "same for text tokens")
-    beta_v: float = opt(0.1, "weight of the visual KL (mean over tokens and dims)")
-    beta_t: float = opt(0.1, "weight of the text KL")
-    prior: Literal["fixed", "learnable"] = opt("fixed", "Vittle (F): N(0, I); Vittle (L): learnable mean/log-variance")
-    kl_form: Literal["standard", "released"] = opt("standard", "Eq. 8, or the released code's KL (log-variance terms halved)")
-    kl_text_tokens: Literal["prompt", "all"] = opt("prompt",
-                                                   "text tokens in the text KL: prompt (label ignored) or all")
-    logvar_clamp: tuple[float, float] | None = opt((-2.3025, 2.3025),
-                                                   "[lo, hi] clamp of log-variances (straight-through); null = off")
-    alpha_schedule: Literal["cosine", "sigmoid"] = opt("cosine", "alpha ramp: paper (cosine) / released code")
-    alpha_end: float = opt(0.5, "final alpha (also the inference value)")
-    alpha_k: float = opt(10.0, "sigmoid steepness")
-    alpha_t0: float = opt(0.5, "sigmoid midpoint, as a fraction of max_steps")
-    backend: str = opt("auto", "vib_sample_kl backend: auto | triton | cpp | reference")
-    routing: Literal["exact", "positional"] = opt("exact", "visual tokens: the image tokens (exact) or the released "
-                                                  "code's positional split (first images x (P-1) tokens)")
+
+VittleSection = _vittle_section()
+VITTLE_FIELDS = tuple(f.name for f in dataclasses.fields(VittleConfig) if f.name != "alpha")
+
+
+def vittle_config_of(section, layer_v: int, layer_t: int, alpha: float = 0.5) -> VittleConfig:
+    """A VittleConfig from the section's fields (raises ValueError naming a bad field)."""
+    values = {name: getattr(section, name) for name in VITTLE_FIELDS}
+    return VittleConfig(**{**values, "layer_v": layer_v, "layer_t": layer_t, "alpha": alpha})
 
 
 @dataclass
@@ -223,9 +236,10 @@ class TrainConfig:
             found.append("model.llm_path and model.vision_path are required when model.source=hf_parts")
         if self.vittle.routing == "positional" and self.data.packing:
             found.append("vittle.routing=positional needs one sequence per row: set data.packing=false")
-        clamp = self.vittle.logvar_clamp
-        if clamp is not None and not clamp[0] < clamp[1]:
-            found.append(f"vittle.logvar_clamp must be (lo, hi) with lo < hi, got {list(clamp)}")
+        try:  # every VittleConfig check (layers are resolved against the model later)
+            vittle_config_of(self.vittle, max(self.vittle.layer_v, 0), max(self.vittle.layer_t, 0))
+        except ValueError as error:
+            found.append(str(error).replace("VittleConfig.", "vittle.", 1))
         steps = self.logging.profile_steps
         if steps is not None and not 1 <= steps[0] <= steps[1]:
             found.append(f"logging.profile_steps must be [a, b] with 1 <= a <= b, got {list(steps)}")
