@@ -2,6 +2,7 @@
 that outlive their torchrun agent stop (issue 13 items 4 and 8)."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -42,9 +43,13 @@ def test_second_job_on_a_directory_is_refused_naming_the_holder(data_dir, tmp_pa
     stale.mkdir(parents=True)
     (stale / "__0_0.distcp").write_bytes(b"partial")
     threads_before = set(threading.enumerate())
-    main(tiny_args(data_dir, out, "--max_steps", "1", "logging.progress_bar=true"))
+    main(tiny_args(data_dir, out, "--max_steps", "1", "logging.progress_bar=true", "data.num_workers=1"))
     assert not stale.exists() and (out / "checkpoints" / "step_00000001" / "manifest.json").is_file()
     assert set(threading.enumerate()) == threads_before  # every thread the run started is joined
+    deadline = time.monotonic() + 10  # a worker that missed its join was sent SIGTERM: let it go
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert multiprocessing.active_children() == []  # and every DataLoader worker
 
 
 def test_sigterm_becomes_an_exception_and_handlers_come_back():
