@@ -289,7 +289,7 @@ def test_compiled_forward_with_moving_alpha_and_noise():
     """torch.compile(fullgraph=True) of LlavaVittle.forward as a trainer calls it (validate_inputs off),
     alpha/seed/offset changing every call: at most 2 compiles (1 with tensor scalars); loss and
     gradients bitwise equal to eager."""
-    import torch._dynamo.testing
+    from test_bottleneck import check_compiled_with_moving_scalars
 
     torch.manual_seed(0)
     model = LlavaVittle(text_config(), vision_config(), IMAGE_TOKEN, VittleConfig(layer_v=1, layer_t=1)).train()
@@ -301,20 +301,11 @@ def test_compiled_forward_with_moving_alpha_and_noise():
         out = model(**batch, vittle_alpha=alpha, noise_seed=seed, noise_offset=offset)
         return out.ce_sum + out.vittle_loss
 
-    for as_tensors in (False, True):
-        torch._dynamo.reset()
-        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
-        for step in range(10):
-            scalars = (0.05 + 0.09 * step, 1000 + 7919 * step, (step * 64) << 20)
-            if as_tensors:
-                scalars = (torch.tensor(scalars[0], dtype=torch.float32), *map(torch.tensor, scalars[1:]))
-            results = []
-            for fn in (loss_fn, compiled):
-                loss = fn(*scalars)
-                results.append([loss.detach(), *torch.autograd.grad(loss, params)])
-            assert all(torch.equal(a, b) for a, b in zip(*results)), f"step {step}"
-        assert counter.frame_count <= (1 if as_tensors else 2), counter.frame_count
+    def loss_and_grads(fn, scalars):
+        loss = fn(*scalars)
+        return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+    check_compiled_with_moving_scalars(loss_fn, loss_and_grads)
 
 
 def test_image_token_count_mismatch_raises():
