@@ -91,11 +91,13 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-gb", type=float, default=5.0, help="skip unfused runs predicted above this")
     parser.add_argument("--cases", default=",".join(f"{v}x{t}" for v, t in CASES), help="VOCABxTOKENS,...")
+    parser.add_argument("--bytes-per-logit", type=float, default=16.0,
+                        help="unfused bytes per logit for predictions until a case measures it")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
 
-    rows, bytes_per_logit = [], 16.0  # prior guess (four fp32 [T, V] tensors), replaced once measured
+    rows, bytes_per_logit = [], args.bytes_per_logit  # replaced once a case measures it
     for vocab, tokens in cases:
         run_unfused = bytes_per_logit * vocab * tokens / 1e9 <= args.max_gb
         mem = {"fused": measure_memory("fused", vocab, tokens, args.hidden, args.dtype)}

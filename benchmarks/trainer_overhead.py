@@ -47,12 +47,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", choices=sorted(SCALES), default="demo")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: less exposed to a shared machine)")
     parser.add_argument("--json", default="")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for both models")
     args = parser.parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.overrides)
     extra = {k: json.loads(v) if v[:1] in "[{0123456789-" or v in ("true", "false") else v for k, v in extra.items()}
 
+    torch.set_num_threads(args.threads)
     cfg = load_yaml("configs/demo.yaml")
     cfg = apply_overrides(cfg, {**SCALES[args.scale], **extra, "data.demo_dir": os.path.join(
         tempfile.gettempdir(), f"vittle_bench_demo_{args.scale}")})

@@ -116,7 +116,8 @@ class DataSection:
     mega_batch_mult: int = opt(8, "length grouping: sort within groups of this many global batches")
     packing: bool = opt(False, "pack each micro-batch into one row (position ids restart per sample)")
     strict: bool = opt(False, "raise on a bad record (naming it) instead of skipping and counting it")
-    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the training process)")
+    num_workers: int = opt(-1, "DataLoader worker processes; 0 = load in the training process; -1 = auto: up to 4 "
+                           "per rank on CUDA (the spare CPU cores), 0 on CPU (workers would compete with training)")
     prefetch_factor: int = opt(2, "micro-batches each worker prepares ahead (num_workers > 0)")
 
 
@@ -210,8 +211,8 @@ class TrainConfig:
             "data.prefetch_factor": self.data.prefetch_factor,
         }
         found += [f"{name} must be >= 1, got {value}" for name, value in positive.items() if value < 1]
-        if self.data.num_workers < 0:
-            found.append(f"data.num_workers must be >= 0, got {self.data.num_workers}")
+        if self.data.num_workers < -1:
+            found.append(f"data.num_workers must be >= 0 (or -1 = auto), got {self.data.num_workers}")
         if self.eval.every < 0 or self.eval.max_samples < 0:
             found.append(f"eval.every and eval.max_samples must be >= 0, got {self.eval.every}, {self.eval.max_samples}")
         if self.eval.every and not (self.eval.data_path or self.data.demo):
