@@ -27,6 +27,17 @@ def data_dir(tmp_path_factory):
     return directory
 
 
+def assert_nothing_left(threads_before, seconds=10.0):
+    """Every thread the run started is gone, and every DataLoader worker. A few seconds of grace:
+    a multiprocessing queue's feeder thread and a worker sent SIGTERM finish asynchronously."""
+    deadline = time.monotonic() + seconds
+    while (set(threading.enumerate()) != threads_before or multiprocessing.active_children()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(threading.enumerate()) == threads_before
+    assert multiprocessing.active_children() == []
+
+
 def test_second_job_on_a_directory_is_refused_naming_the_holder(data_dir, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
@@ -45,11 +56,7 @@ def test_second_job_on_a_directory_is_refused_naming_the_holder(data_dir, tmp_pa
     threads_before = set(threading.enumerate())
     main(tiny_args(data_dir, out, "--max_steps", "1", "logging.progress_bar=true", "data.num_workers=1"))
     assert not stale.exists() and (out / "checkpoints" / "step_00000001" / "manifest.json").is_file()
-    assert set(threading.enumerate()) == threads_before  # every thread the run started is joined
-    deadline = time.monotonic() + 10  # a worker that missed its join was sent SIGTERM: let it go
-    while multiprocessing.active_children() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert multiprocessing.active_children() == []  # and every DataLoader worker
+    assert_nothing_left(threads_before)
 
 
 def test_sigterm_becomes_an_exception_and_handlers_come_back():
@@ -104,6 +111,36 @@ def test_workers_exit_when_their_agent_is_killed(data_dir, tmp_path):
         agent.wait()
         for pid in filter(_alive, workers):  # never leave a stray trainer behind
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_agent_shuts_the_workers_down_cleanly(data_dir, tmp_path):
+    """A scheduler's SIGTERM: torchrun forwards it, each worker runs its shutdown order and exits
+    within torchrun's grace period (no SIGKILL, no abort), and the directory is free again."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vittle_fast.train", *tiny_args(data_dir, tmp_path / "run", "--max_steps", "100000",
+                                                  "checkpoint.interval=0")]
+    agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and metrics.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = _children(agent.pid)
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+        agent.wait()
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+    assert len(workers) == 2 and not any(map(_alive, workers))
+    assert "SIGKILL" not in stderr and "terminate called" not in stderr, stderr[-3000:]
+    taker = subprocess.run([sys.executable, "-c", HOLD_LOCK.replace("time.sleep(120)", "pass"),
+                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert taker.stdout.strip() == "locked", taker.stderr[-2000:]
 
 
 def _torchrun_elastic(nproc, args, max_restarts, port):
@@ -174,3 +211,32 @@ def test_twenty_short_launches_exit_cleanly(data_dir, tmp_path):
         if result.returncode != 0 or "terminate called" in result.stderr:
             failures.append((i, result.returncode, result.stderr[-1500:]))
     assert not failures, failures
+
+
+def test_error_mid_run_still_shuts_down_in_order(data_dir, tmp_path, monkeypatch):
+    """An exception at step 2: threads joined, DataLoader workers stopped, the lock released (a
+    second process can take it), the process group destroyed -- the same end state as success."""
+    import torch.distributed as dist
+
+    import vittle_fast.train.trainer as trainer_module
+
+    class Boom(Exception):
+        pass
+
+    real_step = trainer_module.train_step
+
+    def failing_step(model, optimizer, params, micro_batches, step, *a, **k):
+        if step == 1:
+            raise Boom
+        return real_step(model, optimizer, params, micro_batches, step, *a, **k)
+
+    monkeypatch.setattr(trainer_module, "train_step", failing_step)
+    threads_before = set(threading.enumerate())
+    out = tmp_path / "run"
+    with pytest.raises(Boom):
+        main(tiny_args(data_dir, out, "--max_steps", "3", "logging.progress_bar=true", "data.num_workers=1"))
+    assert not dist.is_initialized()
+    assert_nothing_left(threads_before)
+    taker = subprocess.run([sys.executable, "-c", HOLD_LOCK.replace("time.sleep(120)", "pass"), str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert taker.stdout.strip() == "locked", taker.stderr[-2000:]
