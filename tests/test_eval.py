@@ -218,3 +218,24 @@ def test_trainer_validation_matches_the_eval_cli(tmp_path):
     torch.testing.assert_close(torch.tensor(metrics["nll_per_token"]), torch.tensor(records[-1]["val_loss"]),
                                **TOL["fp32_sum"])
     assert metrics["teacher_forced_accuracy"] == records[-1]["val_accuracy"]
+
+
+@pytest.mark.slow
+def test_torchrun_shards_merge_to_the_single_process_answers(export, tmp_path):
+    """Two gloo ranks each answer questions rank::2; rank 0 merges them in question order, equal to one
+    process's answers (greedy, same batches per question up to padding)."""
+    import os
+    import subprocess
+    import sys
+    run_cli(export, tmp_path / "one", "--batch_size", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "vittle_fast.eval", "--model", str(export / "export"), "--questions", str(export / "questions.jsonl"),
+           "--images", str(export / "data"), "--out", str(tmp_path / "two"), "--max_new_tokens", "4",
+           "--batch_size", "1", "--no_progress", "--device", "cpu"]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (read_answers(tmp_path / name / "answers.jsonl") for name in ("one", "two"))
+    assert [a["question_id"] for a in two] == list(range(N_QUESTIONS))
+    assert [(a["text"], a["metadata"]["nll_sum"]) for a in two] == [(a["text"], a["metadata"]["nll_sum"]) for a in one]
+    assert not list((tmp_path / "two").glob("answers.part*"))
