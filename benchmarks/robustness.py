@@ -32,6 +32,7 @@ METHODS = {
     "vittle_l": ["vittle.prior=learnable"],
 }
 LABELS = {"baseline": "LLaVA (baseline)", "vittle_f": "Vittle (F)", "vittle_l": "Vittle (L)"}
+METRICS = ("accuracy", "cosine", "jsd", "h_cosine", "h_jsd")  # cosine/jsd: z for Vittle, h for the baseline
 DATA_SEED = 0  # one demo set for every run: seeds vary the model init, data order and noise only
 
 
@@ -108,13 +109,12 @@ def summarize(raw: dict, kinds: list[str], severities: list[int]) -> dict:
             row = {"clean": clean, "kinds": {}, "curves": {}}
             for kind in kinds:
                 entries = [result[f"{kind}:{s}"] for s in severities]
-                row["kinds"][kind] = {name: statistics.fmean(e[name] for e in entries)
-                                      for name in ("accuracy", "cosine", "jsd")}
+                row["kinds"][kind] = {name: statistics.fmean(e[name] for e in entries) for name in METRICS}
             for group in ("visual", "text"):
                 members = [k for k in kinds if KINDS[k] == group]
                 if members:
                     row["curves"][group] = {name: [statistics.fmean(result[f"{k}:{s}"][name] for k in members)
-                                                   for s in severities] for name in ("accuracy", "cosine", "jsd")}
+                                                   for s in severities] for name in METRICS}
             shifted = statistics.fmean(row["kinds"][k]["accuracy"] for k in kinds)
             row["shifted"] = shifted
             row["relative_drop"] = (clean - shifted) / clean if clean > 0 else math.nan
@@ -124,25 +124,30 @@ def summarize(raw: dict, kinds: list[str], severities: list[int]) -> dict:
 
 
 def write_table(summary: dict, kinds: list[str], path: Path, meta: dict) -> None:
-    lines = [f"Demo contrast questions ({meta['n_questions']} questions, 50% = the best a model that ignores "
-             f"the image can do); seeds {meta['seeds']}; severities {meta['severities']}; mean ± std over seeds.",
-             "", "| method | clean acc % | shifted acc % (all kinds) | relative drop % | z/h cosine distance | z/h JSD (nats) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """Markdown tables. Distances: h = output of the bottleneck's decoder block (the same quantity in
+    every model, comparable across methods); z = Vittle's posterior mean (its own scale)."""
+    def over_kinds(rows, name):
+        return [statistics.fmean(r["kinds"][k][name] for k in kinds) for r in rows]
+
+    lines = [f"Demo contrast questions ({meta['n_questions']} questions; 50% is the most a model that ignores "
+             f"the image can score); seeds {meta['seeds']}; severities {meta['severities']}; mean ± std over seeds. "
+             "Shifted = mean over every kind and severity; relative drop = (clean - shifted) / clean.",
+             "", "| method | clean acc % | shifted acc % | relative drop % | h cosine dist. | h JSD (nats) | z cosine dist. | z JSD (nats) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, rows in summary.items():
-        cos = [statistics.fmean(r["kinds"][k]["cosine"] for k in kinds) for r in rows]
-        jsd = [statistics.fmean(r["kinds"][k]["jsd"] for k in kinds) for r in rows]
+        z = (f"{fmt(over_kinds(rows, 'cosine'), 1, 4)} | {fmt(over_kinds(rows, 'jsd'), 1, 3)}"
+             if method != "baseline" else "– | –")
         lines.append(f"| {LABELS[method]} | {fmt([r['clean'] for r in rows])} | {fmt([r['shifted'] for r in rows])} | "
-                     f"{fmt([r['relative_drop'] for r in rows])} | {fmt(cos, 1, 4)} | {fmt(jsd, 1, 4)} |")
-    lines += ["", "Accuracy % under each kind (mean over severities):", "",
-              "| kind | " + " | ".join(LABELS[m] for m in summary) + " |", "|---|" + "---:|" * len(summary)]
-    for kind in kinds:
-        lines.append(f"| {kind} | " + " | ".join(fmt([r["kinds"][kind]["accuracy"] for r in rows])
-                                              for rows in summary.values()) + " |")
-    lines += ["", "Representation cosine distance (clean vs shifted; z for Vittle, h for the baseline), mean over severities:",
-              "", "| kind | " + " | ".join(LABELS[m] for m in summary) + " |", "|---|" + "---:|" * len(summary)]
-    for kind in kinds:
-        lines.append(f"| {kind} | " + " | ".join(fmt([r["kinds"][kind]["cosine"] for r in rows], 1, 4)
-                                              for rows in summary.values()) + " |")
+                     f"{fmt([r['relative_drop'] for r in rows])} | {fmt(over_kinds(rows, 'h_cosine'), 1, 4)} | "
+                     f"{fmt(over_kinds(rows, 'h_jsd'), 1, 3)} | {z} |")
+    for title, name, scale, digits in (("Accuracy % under each kind (mean over severities)", "accuracy", 100.0, 1),
+                                       ("h cosine distance, clean vs shifted (mean over severities)", "h_cosine", 1.0, 4),
+                                       ("h JSD (nats), clean vs shifted (mean over severities)", "h_jsd", 1.0, 3)):
+        lines += ["", f"{title}:", "", "| kind | " + " | ".join(LABELS[m] for m in summary) + " |",
+                  "|---|" + "---:|" * len(summary)]
+        for kind in kinds:
+            lines.append(f"| {kind} | " + " | ".join(fmt([r["kinds"][kind][name] for r in rows], scale, digits)
+                                                  for rows in summary.values()) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -155,7 +160,7 @@ def plot(summary: dict, severities: list[int], path: Path) -> None:
     groups = [g for g in ("visual", "text") if all(g in r["curves"] for rows in summary.values() for r in rows)]
     fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 7), squeeze=False)
     for col, group in enumerate(groups):
-        for row, (name, label) in enumerate((("accuracy", "accuracy"), ("cosine", "representation cosine distance"))):
+        for row, (name, label) in enumerate((("accuracy", "accuracy"), ("h_cosine", "h cosine distance to clean"))):
             ax = axes[row][col]
             for method, rows in summary.items():
                 curves = [[r["clean"]] + r["curves"][group]["accuracy"] if name == "accuracy"
@@ -173,6 +178,19 @@ def plot(summary: dict, severities: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def report(results: Path) -> None:
+    """Tables and plots from robustness.json (methods with the same seeds as the first one)."""
+    saved = json.loads((results / "robustness.json").read_text())
+    meta, raw = saved["meta"], saved["raw"]
+    first = next(iter(raw.values()))
+    done = {m: runs for m, runs in raw.items() if runs.keys() == first.keys()}
+    summary = summarize(done, meta["kinds"], meta["severities"])
+    saved["summary"] = summary
+    (results / "robustness.json").write_text(json.dumps(saved, indent=1))
+    write_table(summary, meta["kinds"], results / "robustness.md", meta)
+    plot(summary, meta["severities"], results / "robustness.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     from vittle_fast.data.demo import make_demo_dataset
     from vittle_fast.eval.perturb import KINDS, SEVERITIES
@@ -187,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="training processes per run (the global batch stays the demo's 16)")
     parser.add_argument("--train_args", nargs="*", default=[], help="extra trainer overrides, e.g. max_steps=100")
+    parser.add_argument("--report_only", action="store_true",
+                        help="only rewrite robustness.md/png from the raw results in robustness.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        report(Path(args.results))
+        return
     kinds = sorted(KINDS) if args.kinds == ["all"] else args.kinds
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -207,11 +230,8 @@ def main(argv: list[str] | None = None) -> None:
             meta = {"seeds": [int(s) for s in raw[args.methods[0]]], "severities": args.severities, "kinds": kinds,
                     "n_questions": n_questions, "train_args": args.train_args, "nproc": args.nproc,
                     "wall_s": round(time.time() - started)}
-            done = {m: runs for m, runs in raw.items() if len(runs) == len(raw[args.methods[0]])}
-            summary = summarize(done, kinds, args.severities)
-            (results / "robustness.json").write_text(json.dumps({"meta": meta, "raw": raw, "summary": summary}, indent=1))
-            write_table(summary, kinds, results / "robustness.md", meta)
-            plot(summary, args.severities, results / "robustness.png")
+            (results / "robustness.json").write_text(json.dumps({"meta": meta, "raw": raw}, indent=1))
+            report(results)
     print((results / "robustness.md").read_text())
 
 
