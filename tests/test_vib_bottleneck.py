@@ -156,9 +156,10 @@ def test_group_layouts(backend, layout):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_blocks_and_recompute(backend):
-    """Enough rows for several CPU blocks (blocks start mid-group, mid-Philox stream); recompute on."""
-    check(backend, 700, 12, torch.float32, [333, 367], [True, False], recompute=True)
-    check(backend, 700, 12, torch.bfloat16, [333, 367], [False, True])
+    """Groups longer than the CPU kernel's 4096-row block (a block starts mid-group, mid-Philox
+    stream; D = 5, so that block's first element is mid-counter in the flat stream); recompute on."""
+    check(backend, 8400, 5, torch.float32, [4101, 4200], [True, False], recompute=True)
+    check(backend, 4200, 5, torch.bfloat16, [97, 4100], [False, True])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
