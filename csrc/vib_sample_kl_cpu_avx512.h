@@ -128,74 +128,40 @@ template <int K>
 VITTLE_AVX512_INLINE F<K> select(M<K> k, float b, F<K> a) { return select(k, splat<K>(b), a); }
 
 template <int K>
-VITTLE_AVX512_INLINE I<K> select_i(M<K> k, I<K> b, I<K> a) {
-  I<K> r;
-  VITTLE_EACH r.v[u] = _mm512_mask_blend_epi32(k.v[u], a.v[u], b.v[u]);
-  return r;
-}
-
-template <int K>
 VITTLE_AVX512_INLINE F<K> negate_where(M<K> k, F<K> a) {
   F<K> r;
   VITTLE_EACH r.v[u] = _mm512_mask_xor_ps(a.v[u], k.v[u], a.v[u], _mm512_castsi512_ps(_mm512_set1_epi32(INT32_MIN)));
   return r;
 }
 
-template <int K>
-VITTLE_AVX512_INLINE F<K> sqrt(F<K> a) {
-  F<K> r;
-  VITTLE_EACH r.v[u] = _mm512_sqrt_ps(a.v[u]);
-  return r;
-}
+// Lane-wise unary operations.
+#define VITTLE_UNARY(Out, In, name, intrinsic)                                                             \
+  template <int K>                                                                                         \
+  VITTLE_AVX512_INLINE Out<K> name(In<K> a) {                                                              \
+    Out<K> r;                                                                                              \
+    VITTLE_EACH r.v[u] = intrinsic(a.v[u]);                                                                \
+    return r;                                                                                              \
+  }
 
-template <int K>
-VITTLE_AVX512_INLINE F<K> to_float(I<K> a) {  // int32 -> fp32, round to nearest
-  F<K> r;
-  VITTLE_EACH r.v[u] = _mm512_cvtepi32_ps(a.v[u]);
-  return r;
-}
+VITTLE_UNARY(F, F, sqrt, _mm512_sqrt_ps)
+VITTLE_UNARY(F, I, to_float, _mm512_cvtepi32_ps)    // int32 -> fp32, round to nearest
+VITTLE_UNARY(I, F, truncate, _mm512_cvttps_epi32)   // fp32 -> int32 toward zero, like static_cast
+VITTLE_UNARY(I, F, bits, _mm512_castps_si512)
+VITTLE_UNARY(F, I, from_bits, _mm512_castsi512_ps)
+#undef VITTLE_UNARY
 
-template <int K>
-VITTLE_AVX512_INLINE I<K> truncate(F<K> a) {  // fp32 -> int32 toward zero, like static_cast
-  I<K> r;
-  VITTLE_EACH r.v[u] = _mm512_cvttps_epi32(a.v[u]);
-  return r;
-}
+#define VITTLE_SHIFT(name, intrinsic)                                                                      \
+  template <int kShift, int K>                                                                             \
+  VITTLE_AVX512_INLINE I<K> name(I<K> a) {                                                                 \
+    I<K> r;                                                                                                \
+    VITTLE_EACH r.v[u] = intrinsic(a.v[u], kShift);                                                        \
+    return r;                                                                                              \
+  }
 
-template <int K>
-VITTLE_AVX512_INLINE I<K> bits(F<K> a) {
-  I<K> r;
-  VITTLE_EACH r.v[u] = _mm512_castps_si512(a.v[u]);
-  return r;
-}
-
-template <int K>
-VITTLE_AVX512_INLINE F<K> from_bits(I<K> a) {
-  F<K> r;
-  VITTLE_EACH r.v[u] = _mm512_castsi512_ps(a.v[u]);
-  return r;
-}
-
-template <int kShift, int K>
-VITTLE_AVX512_INLINE I<K> shift_right(I<K> a) {  // logical
-  I<K> r;
-  VITTLE_EACH r.v[u] = _mm512_srli_epi32(a.v[u], kShift);
-  return r;
-}
-
-template <int kShift, int K>
-VITTLE_AVX512_INLINE I<K> shift_right_arithmetic(I<K> a) {
-  I<K> r;
-  VITTLE_EACH r.v[u] = _mm512_srai_epi32(a.v[u], kShift);
-  return r;
-}
-
-template <int kShift, int K>
-VITTLE_AVX512_INLINE I<K> shift_left(I<K> a) {
-  I<K> r;
-  VITTLE_EACH r.v[u] = _mm512_slli_epi32(a.v[u], kShift);
-  return r;
-}
+VITTLE_SHIFT(shift_right, _mm512_srli_epi32)  // logical
+VITTLE_SHIFT(shift_right_arithmetic, _mm512_srai_epi32)
+VITTLE_SHIFT(shift_left, _mm512_slli_epi32)
+#undef VITTLE_SHIFT
 
 template <int K>
 VITTLE_AVX512_INLINE M<K> test_bits(I<K> a, int32_t bits_to_test) {  // (a & bits) != 0
