@@ -65,7 +65,7 @@ GPUS = {
                     "sparsity); PCIe Gen5 x16 128 GB/s both ways; NVLink 900 GB/s both ways"),
 }
 
-# Assumptions (not measured anywhere here): change them on the command line? No - in one place, here.
+# Assumptions (not measured anywhere here), each with why; change them here, in one place.
 ASSUMPTIONS = {
     "gemm_efficiency": (0.6, "achieved fraction of BF16 dense peak for the bottleneck GEMMs (M = 14,400, "
                              "K, N = 4-10k: cuBLAS typically reaches 60-75%; the low end)"),
