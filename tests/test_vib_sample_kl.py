@@ -257,6 +257,18 @@ def test_tensor_scalars_equal_python_scalars_bitwise(backend, case):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
+def test_scalar_tensor_changed_before_backward_raises(backend):
+    """The backward regenerates the forward's noise from the saved scalar tensors: advancing them in
+    place between a forward and its backward must fail loudly, not draw other noise."""
+    h, stats, _, _, _ = make_inputs((3,), 8, torch.float32, learnable_prior=False)
+    alpha_t, seed_t, offset_t = tensor_scalars(0.5, 3, 0)
+    z, _ = vib_sample_kl(h, stats.requires_grad_(), alpha_t, seed=seed_t, offset=offset_t, backend=backend)
+    seed_t.fill_(4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
 COMPILE_CASES = [  # the interpreter makes the Triton case slow: its tensor-scalar variant runs in the slow tier
     pytest.param(backend, as_tensors, id=f"{backend}-{'tensor' if as_tensors else 'python'}_scalars",
                  marks=[pytest.mark.slow] if backend == "triton" and as_tensors else [])

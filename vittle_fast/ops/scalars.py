@@ -25,7 +25,9 @@ specialise the graph on its value (one recompile per alpha); Python ints become 
 and need nothing (but a seed >= 2**63 is outside int64 and stays a constant: pass a tensor).
 
 Tensor values are not range-checked: that would need a host synchronisation (and break CUDA-graph
-capture). Keeping ``alpha_t`` in [0, 1] and ``offset_t`` >= 0 is the caller's job.
+capture). Keeping ``alpha_t`` in [0, 1] and ``offset_t`` >= 0 is the caller's job. The tensors are
+saved for backward (which regenerates the noise from them): advancing one in place between a
+forward and its backward makes autograd raise; advance them after the backward, as a step does.
 """
 from __future__ import annotations
 
