@@ -292,3 +292,19 @@ def test_examples_run_and_the_loss_falls(tmp_path, script, extra):
                             cwd=root, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "loss (CE + KL): first" in result.stdout
+
+
+def test_noise_is_rank_aware(monkeypatch):
+    """Rank r draws at offset noise_offset(r) = r << 44: another rank, other noise for the same batch."""
+    import vittle_fast.integrations.transformers as integration
+
+    model = apply_vittle(hf_llava(), VittleConfig(layer_v=1, layer_t=1)).train()
+    batch = llava_batch()
+    logits = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(integration.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(integration.dist, "get_rank", lambda rank=rank: rank)
+        vittle_step(model, 2, 0.5)
+        logits[rank] = model(**batch).logits
+        assert model.vittle_state.noise["noise_offset"] == noise_offset(rank)
+    assert not torch.equal(logits[0], logits[1])
