@@ -83,22 +83,31 @@ def _alive(pid):
         return False
 
 
+def _start_endless_job(data_dir, tmp_path, **streams):
+    """A 2-worker torchrun job that would train for 100,000 steps (the tests stop it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vittle_fast.train", *tiny_args(data_dir, tmp_path / "run", "--max_steps", "100000",
+                                                  "checkpoint.interval=0")]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, **streams)
+
+
+def _wait_for_training(tmp_path, seconds=240):
+    """Whether the job logged its first step within ``seconds``."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + seconds
+    while not (metrics.is_file() and metrics.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return metrics.is_file()
+
+
 @pytest.mark.slow
 def test_workers_exit_when_their_agent_is_killed(data_dir, tmp_path):
     """SIGKILL the torchrun agent mid-run: its two workers stop within a few steps (before the
     fix they trained on, beside whatever relaunch came next)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vittle_fast.train", *tiny_args(data_dir, tmp_path / "run", "--max_steps", "100000",
-                                                  "checkpoint.interval=0")]
-    agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = _start_endless_job(data_dir, tmp_path, stderr=subprocess.DEVNULL)
     workers = []
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + 240
-        while not (metrics.is_file() and metrics.stat().st_size) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert metrics.is_file(), "the job never started training"
+        assert _wait_for_training(tmp_path), "the job never started training"
         workers = _children(agent.pid)
         assert len(workers) == 2
         agent.kill()
@@ -118,17 +127,10 @@ def test_workers_exit_when_their_agent_is_killed(data_dir, tmp_path):
 def test_sigterm_to_the_agent_shuts_the_workers_down_cleanly(data_dir, tmp_path):
     """A scheduler's SIGTERM: torchrun forwards it, each worker runs its shutdown order and exits
     within torchrun's grace period (no SIGKILL, no abort), and the directory is free again."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vittle_fast.train", *tiny_args(data_dir, tmp_path / "run", "--max_steps", "100000",
-                                                  "checkpoint.interval=0")]
-    agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    agent = _start_endless_job(data_dir, tmp_path, stderr=subprocess.PIPE, text=True)
     workers = []
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + 240
-        while not (metrics.is_file() and metrics.stat().st_size) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        _wait_for_training(tmp_path)
         workers = _children(agent.pid)
         agent.send_signal(signal.SIGTERM)
         _, stderr = agent.communicate(timeout=120)
