@@ -8,6 +8,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -16,31 +17,41 @@ from tolerances import TOL  # noqa: E402
 
 from vittle_fast.integrations.transformers import apply_vittle, vittle_loss, vittle_step  # noqa: E402
 from vittle_fast.nn import VittleConfig  # noqa: E402
+from vittle_fast.train.parallel import shutdown_distributed  # noqa: E402
 
 
-def shard(model):
+def shard(model, mesh):
     """FSDP2 units as our trainer's (docs/DESIGN.md §5): the frozen vision tower's parts, each decoder block,
     the projector, the bottleneck (its forward_both is called directly by the layer hook), then the root."""
     vision = model.model.vision_tower  # frozen; not sharded as a whole: HF then loses its hidden states
     for part in (vision.embeddings, vision.encoder):
-        fully_shard(part)
+        fully_shard(part, mesh=mesh)
     for block in model.model.language_model.layers:
-        fully_shard(block)
-    fully_shard(model.model.multi_modal_projector)
-    fully_shard(model.vittle_bottleneck)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model.model.multi_modal_projector, mesh=mesh)
+    fully_shard(model.vittle_bottleneck, mesh=mesh)
     register_fsdp_forward_method(model.vittle_bottleneck, "forward_both")
-    fully_shard(model)
+    fully_shard(model, mesh=mesh)
 
 
 def main():
+    """The run, then the gloo group's threads joined before exit (as the trainer does)."""
     dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    try:
+        train_and_compare(mesh)
+    finally:
+        shutdown_distributed(mesh)
+
+
+def train_and_compare(mesh):
     rank = dist.get_rank()
     torch.manual_seed(0)  # identical initial weights on both ranks
     model = apply_vittle(hf_llava(), VittleConfig(layer_v=1, layer_t=1, prior="learnable"))
     model.model.vision_tower.requires_grad_(False)
     reference = copy.deepcopy(model)  # its hooks are bound to its own copy of the Vittle state
     assert reference.vittle_state is not model.vittle_state
-    shard(model)
+    shard(model, mesh)
     model.train(), reference.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ref_optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
@@ -70,7 +81,6 @@ def main():
         dist.all_reduce(total)
         if rank == 0:
             print(json.dumps({"step": step, "loss": total.item() / dist.get_world_size()}), flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -223,7 +223,9 @@ def test_trainer_validation_matches_the_eval_cli(tmp_path):
 @pytest.mark.slow
 def test_torchrun_shards_merge_to_the_single_process_answers(export, tmp_path):
     """Two gloo ranks each answer questions rank::2; rank 0 merges them in question order, equal to one
-    process's answers (greedy, same batches per question up to padding)."""
+    process's answers (greedy, same batches per question up to padding). The NLL sums agree to fp32
+    summation tolerance, not bitwise: the ranks run with one thread, this process with however many
+    the suite was given, and a GEMM's reduction order follows the thread count."""
     import os
     import subprocess
     import sys
@@ -237,5 +239,7 @@ def test_torchrun_shards_merge_to_the_single_process_answers(export, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (read_answers(tmp_path / name / "answers.jsonl") for name in ("one", "two"))
     assert [a["question_id"] for a in two] == list(range(N_QUESTIONS))
-    assert [(a["text"], a["metadata"]["nll_sum"]) for a in two] == [(a["text"], a["metadata"]["nll_sum"]) for a in one]
+    assert [a["text"] for a in two] == [a["text"] for a in one]
+    torch.testing.assert_close(torch.tensor([a["metadata"]["nll_sum"] for a in two]),
+                               torch.tensor([a["metadata"]["nll_sum"] for a in one]), **TOL["fp32_sum"])
     assert not list((tmp_path / "two").glob("answers.part*"))

@@ -10,13 +10,13 @@ import contextlib
 import functools
 import os
 import resource
-import time
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ..data import SKIP_KINDS
@@ -55,7 +55,8 @@ from .metrics import (
     plot_metrics,
 )
 from .noise import DeviceScalars, noise_offset, noise_seed
-from .parallel import DistInfo, apply_activation_checkpointing, apply_fsdp, build_mesh, init_distributed
+from .parallel import (DistInfo, apply_activation_checkpointing, apply_fsdp, build_mesh, init_distributed,
+                       shutdown_distributed)
 from .schedules import warmup_cosine_lr_factor
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "cu_seqlens", "max_seqlen")
@@ -83,7 +84,8 @@ def train(cfg: TrainConfig) -> dict:
     Shutdown is the same on every exit path (success, error, SIGTERM/SIGINT): NVML, the metrics
     sinks (TensorBoard and tqdm threads), the DataLoader workers, the output-directory lock, then
     -- after a barrier when the job succeeded, so no rank tears down a connection a peer still
-    uses -- the process group."""
+    uses -- the process groups, whose worker threads end before the interpreter does
+    (`shutdown_distributed`)."""
     check_config(cfg)
     done = finished_step(cfg)
     if done is not None:
@@ -92,16 +94,18 @@ def train(cfg: TrainConfig) -> dict:
             print(f"[vittle_fast.train] {cfg.output_dir}: already {where} at step {done}; nothing to do", flush=True)
         return {"output_dir": cfg.output_dir, "complete_at_step": str(done)}
     info = init_distributed()
+    mesh = None
     succeeded = False
     try:
+        mesh = build_mesh(info, cfg.parallel.replicate)
         with signals_as_exceptions(), contextlib.ExitStack() as cleanup:
-            outputs = _train(cfg, info, cleanup)
+            outputs = _train(cfg, info, mesh, cleanup)
         succeeded = True
         return outputs
     finally:
         if succeeded:
             dist.barrier()
-        dist.destroy_process_group()
+        shutdown_distributed(mesh)
 
 
 # Options that shape the LR and alpha schedules: a resumed run must keep them (or say it changes them).
@@ -153,7 +157,7 @@ def finished_step(cfg: TrainConfig) -> int | None:
     return step if step >= end_step else None
 
 
-def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> dict:
+def _train(cfg: TrainConfig, info: DistInfo, mesh: DeviceMesh, cleanup: contextlib.ExitStack) -> dict:
     cfg = resolve_demo_data(cfg, info.is_main)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -171,7 +175,7 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: contextlib.ExitStack) -> d
     model.fused_cross_entropy = cfg.model.fused_cross_entropy  # the LM head on target tokens only
     flop_count = TrainingFlops(model)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every_k)
-    apply_fsdp(model, build_mesh(info, cfg.parallel.replicate), cfg.parallel.param_dtype, cfg.parallel.reduce_dtype)
+    apply_fsdp(model, mesh, cfg.parallel.param_dtype, cfg.parallel.reduce_dtype)
     model.train()
 
     params = trainable_parameters(model)

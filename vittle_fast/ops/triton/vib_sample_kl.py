@@ -248,11 +248,15 @@ class LaunchConfig:
 
 
 # GPU tiles give each thread one Philox group: 4 consecutive elements, one randn4x call, 8-byte
-# (bf16) / 16-byte (fp32) accesses. Rows of > 512 columns: 1024-wide chunks, 8 warps, registers
-# left to ptxas (39-75, no spills). Shorter rows: [512 // block, block] tiles, 4 warps, maxnreg=128:
-# left alone, ptxas trims those multi-row tiles to 64 registers and spills 8-24 bytes; with the cap
-# it uses 48-116 and spills none, still 4 programs per SM. Evidence: docs/triton.md (AOT sweep).
+# (bf16) / 16-byte (fp32) accesses. Rows of > 512 columns: 1024-wide chunks, 8 warps, maxnreg=80:
+# left alone, ptxas picks 48 registers for the bf16 sm_90 sampling kernels with tensor scalars and
+# spills 8 (fwd) / 16 (bwd) bytes; capped at 80 every 1024-wide variant uses 55-79 and spills none
+# (a cap of 64 spills 8-40 B in the learnable-prior backward), 3 programs of 256 threads per SM.
+# Shorter rows: [512 // block, block] tiles, 4 warps, maxnreg=128: left alone, ptxas trims those
+# multi-row tiles to 64 registers and spills 8-24 bytes; with the cap it uses 48-116 and spills
+# none, still 4 programs per SM. Evidence: docs/triton.md (AOT sweep).
 GPU_MAX_BLOCK = 1024
+GPU_LONG_ROW_MAX_REGISTERS = 80
 GPU_SHORT_ROW_MAX_REGISTERS = 128
 GPU_PROGRAMS_PER_SM = 4  # learnable-prior backward: bounds the [2, programs, D] partials buffer
 ELEMENTS_PER_THREAD = 4
@@ -263,15 +267,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gpu_tile(block: int) -> tuple[int, int, int | None]:
+def gpu_tile(block: int) -> tuple[int, int, int]:
     """(rows, num_warps, max_registers) of the GPU tile for chunk width ``block`` (power of 2, 4..1024)."""
     if block == GPU_MAX_BLOCK:
-        return 1, GPU_MAX_BLOCK // (32 * ELEMENTS_PER_THREAD), None
+        return 1, GPU_MAX_BLOCK // (32 * ELEMENTS_PER_THREAD), GPU_LONG_ROW_MAX_REGISTERS
     num_warps = 4
     return ELEMENTS_PER_THREAD * 32 * num_warps // block, num_warps, GPU_SHORT_ROW_MAX_REGISTERS
 
 
-def gpu_tile_configs() -> list[tuple[int, int, int, int | None]]:
+def gpu_tile_configs() -> list[tuple[int, int, int, int]]:
     """Every (block, rows, num_warps, max_registers) the GPU launcher can pick (for AOT compiles)."""
     return [(block, *gpu_tile(block)) for block in (1 << p for p in range(2, GPU_MAX_BLOCK.bit_length()))]
 
