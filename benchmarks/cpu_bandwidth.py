@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.results_io import command_line, write_results
 from vittle_fast.ops import cpp
 
 SWITCH = "VITTLE_FAST_CPU_AVX512"
@@ -139,13 +139,10 @@ def main(argv=None) -> None:
                     row = measure(threads, n, args.d, getattr(torch, dtype), direction, args.rounds, args.repeat)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    command = "python -m benchmarks.cpu_bandwidth " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = to_markdown(rows, command.strip())
+    table = to_markdown(rows, command_line("benchmarks.cpu_bandwidth", argv))
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table)
+        write_results(args.out, rows, table)
 
 
 if __name__ == "__main__":

@@ -114,8 +114,8 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print(f"\n| vocab | tokens | unfused loss memory | fused loss memory | ratio | unfused time | fused time |"
-          f"\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| vocab | tokens | unfused loss memory | fused loss memory | ratio | unfused time | fused time |"
+          "\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         mark = "" if r["unfused_measured"] else " (predicted)"
         unfused_s = f"{r['unfused_s']:.2f} s" if r["unfused_s"] is not None else "not run"

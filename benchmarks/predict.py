@@ -31,9 +31,7 @@ gap; the host noise adds its measured time; the pageable copy, bytes / (PCIe x p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.gpu_model import _NO_KERNEL_OPS, _SHAPE_ONLY_OPS, _is_view, _tensor_bytes, fused_cost
+from benchmarks.results_io import command_line, write_results
 from benchmarks.step_overhead import Host, released_bottleneck, released_kl
 
 
@@ -478,13 +477,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="write <out>.json, <out>.md and <out>.png")
     args = parser.parse_args(argv)
     result = run(args.reps)
-    command = "python -m benchmarks.predict " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = to_markdown(result, command.strip())
+    table = to_markdown(result, command_line("benchmarks.predict", argv))
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table)
+        write_results(args.out, result, table)
         plot(result, args.out.with_suffix(".png"))
     return result
 

@@ -28,7 +28,6 @@ understate the GPU gap; ``python -m benchmarks.predict`` models them (docs/perfo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -37,6 +36,7 @@ import transformers
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.results_io import write_json
 from vittle_fast.models import LlavaVittle
 from vittle_fast.nn import VittleConfig
 from vittle_fast.ops.backends import resolve_backend
@@ -242,8 +242,7 @@ def main(argv=None) -> dict:
     low, mid, high = result["fused_vs_released_quartiles"]
     print(f"  fused step / released step - 1 (paired per round): {mid:+.1%} [{low:+.1%}, {high:+.1%}]")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.step_overhead import quartiles
+from benchmarks.results_io import command_line, write_json
 from vittle_fast.train.build import build_data, build_model, resolve_demo_data, trainable_parameters
 from vittle_fast.train.config import apply_overrides, load_yaml
 from vittle_fast.train.metrics import StepAccumulator, TrainingFlops
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         "d": cfg.model.hidden_size, "tokens_per_step": statistics.median(tokens),
         "step_s_vittle": statistics.median(runs[True]["times"]), "step_s_baseline": statistics.median(runs[False]["times"]),
         "overhead": median - 1, "overhead_iqr": [q1 - 1, q3 - 1], "flop_share": flop_share,
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.trainer_overhead", *(argv or sys.argv[1:])]),
+        "command": command_line("benchmarks.trainer_overhead", argv),
     }
     print(f"{args.scale}: baseline step {result['step_s_baseline'] * 1e3:.0f} ms, Vittle step "
           f"{result['step_s_vittle'] * 1e3:.0f} ms; overhead {100 * result['overhead']:+.1f}% "
@@ -108,8 +108,7 @@ def main(argv=None) -> dict:
           f"interleaved pairs; FLOP share {100 * flop_share:+.1f}%; overhead - FLOP share = "
           f"{100 * (result['overhead'] - flop_share):+.1f} points", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
 
 

@@ -1,5 +1,6 @@
 // ATen-level entry points of the fused bottleneck op (Linear -> GELU -> Linear -> sampling/KL tail),
-// shared by its operator registration (vib_bottleneck_ops.cpp) and its CPU kernel.
+// shared by its operator registration (vib_bottleneck_ops.cpp) and its implementation
+// (vib_bottleneck_blocks.cpp: CPU and CUDA tensors).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,7 @@ struct BottleneckGroup {
   at::Tensor w1, b1, w2, b2;
   OptionalTensor prior_mu, prior_logvar;
   uint64_t offset;
+  const int64_t* device_offset = nullptr;  // CUDA: the offset read by the kernel (offsets_t[g]) instead
 };
 
 // Scalars shared by the groups of one call.
@@ -29,6 +31,7 @@ struct BottleneckCall {
   OpScalars scalars;
   int64_t seed;
   bool recompute;    // save only the pre-activation; backward recomputes stats
+  ScalarPointers device_scalars;  // CUDA: alpha / seed given as device tensors (CPU ones are read on the host)
 };
 
 using BottleneckForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -37,14 +40,12 @@ using BottleneckBackwardResult =
                std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 // (out [N, D], kl [M] fp32, preact [M, D], stats [M or 0, 2D]); `order` None: every row, one group.
-BottleneckForwardResult bottleneck_forward_cpu(const at::Tensor& h, const OptionalTensor& order,
-                                               const std::vector<BottleneckGroup>& groups,
-                                               const BottleneckCall& call);
+BottleneckForwardResult bottleneck_forward(const at::Tensor& h, const OptionalTensor& order,
+                                           const std::vector<BottleneckGroup>& groups, const BottleneckCall& call);
 // (grad_h, per group: grad_w1, grad_b1, grad_w2, grad_b2, grad_prior_mu, grad_prior_logvar ([0] if fixed)).
-BottleneckBackwardResult bottleneck_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_kl,
-                                                 const at::Tensor& h, const OptionalTensor& order,
-                                                 const std::vector<BottleneckGroup>& groups,
-                                                 const BottleneckCall& call, const at::Tensor& preact,
-                                                 const at::Tensor& stats);
+BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const at::Tensor& grad_kl,
+                                             const at::Tensor& h, const OptionalTensor& order,
+                                             const std::vector<BottleneckGroup>& groups, const BottleneckCall& call,
+                                             const at::Tensor& preact, const at::Tensor& stats);
 
 }  // namespace vittle_fast

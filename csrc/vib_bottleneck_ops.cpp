@@ -1,4 +1,5 @@
-// Operator registration: vittle_fast::vib_bottleneck_fwd / vib_bottleneck_bwd (CPU). Arguments in the
+// Operator registration: vittle_fast::vib_bottleneck_fwd / vib_bottleneck_bwd (CPU, and CUDA when built
+// with it; one implementation: vib_bottleneck_blocks.cpp). Arguments in the
 // order of the Python API (vittle_fast/ops/vib_bottleneck.py), per-group lists unpacked; a group
 // without a learnable prior has empty [0] tensors in prior_mus / prior_logvars (and gets them back as
 // its prior gradients).
@@ -38,16 +39,24 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
                   b2s.size() == n_groups && offsets.size() == n_groups && prior_mus.size() == n_groups &&
                   prior_logvars.size() == n_groups,
               "one weight set, offset and prior entry per group expected (", n_groups, " groups)");
-  // Tensor scalars (ops/scalars.py) of a CPU call are read here; offsets_t holds one offset per group.
+  // Tensor scalars (ops/scalars.py), on h's device: a CPU call reads them here; a CUDA call passes
+  // their device pointers to the kernels (no host sync: CUDA-graph safe). offsets_t: one per group.
   for (const auto& [tensor, dtype, shape] : {std::tuple{alpha_t, at::kFloat, std::vector<int64_t>{}},
                                              std::tuple{seed_t, at::kLong, std::vector<int64_t>{}},
                                              std::tuple{offsets_t, at::kLong, std::vector<int64_t>{int64_t(n_groups)}}}) {
     TORCH_CHECK(!tensor.has_value() || (tensor->scalar_type() == dtype && tensor->sizes() == at::IntArrayRef(shape) &&
-                                        tensor->is_cpu()),
-                "alpha_t / seed_t / offsets_t must be CPU tensors: 0-dim float32, 0-dim int64, int64 [groups]");
+                                        tensor->is_contiguous() && tensor->device() == h.device()),
+                "alpha_t / seed_t / offsets_t must be tensors on h's device: 0-dim float32, 0-dim int64, "
+                "int64 [groups]");
   }
-  if (alpha_t.has_value()) alpha = alpha_t->item<float>();
-  if (seed_t.has_value()) seed = seed_t->item<int64_t>();
+  ScalarPointers device_scalars;
+  if (h.is_cuda()) {
+    if (alpha_t.has_value()) device_scalars.alpha = alpha_t->const_data_ptr<float>();
+    if (seed_t.has_value()) device_scalars.seed = seed_t->const_data_ptr<int64_t>();
+  } else {
+    if (alpha_t.has_value()) alpha = alpha_t->item<float>();
+    if (seed_t.has_value()) seed = seed_t->item<int64_t>();
+  }
   std::vector<BottleneckGroup> groups;
   int64_t first = 0;
   for (size_t g = 0; g < n_groups; ++g) {
@@ -65,10 +74,12 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
                                          prior->is_contiguous() && prior->device() == h.device()),
                   "priors of group ", g, " must be contiguous float32 [D] tensors on h's device");
     }
-    const int64_t offset = offsets_t.has_value() ? (*offsets_t)[gi].item<int64_t>() : offsets[g];
+    const bool offset_on_device = offsets_t.has_value() && h.is_cuda();
+    const int64_t offset = !offsets_t.has_value() ? offsets[g] : offset_on_device ? 0 : (*offsets_t)[gi].item<int64_t>();
     TORCH_CHECK(group_sizes[g] >= 0 && (offsets_t.has_value() || offset >= 0), "group_sizes and offsets must be >= 0");
     groups.push_back({group_sizes[g], first, w1s[g], b1s[g], w2s[g], b2s[g], prior_mu, prior_logvar,
-                      static_cast<uint64_t>(offset)});
+                      static_cast<uint64_t>(offset),
+                      offset_on_device ? offsets_t->const_data_ptr<int64_t>() + g : nullptr});
     first += group_sizes[g];
   }
   if (order.has_value()) {
@@ -83,7 +94,7 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
               "clamp_lo must be <= clamp_hi, got ", clamp_lo, ", ", clamp_hi);
   const OpScalars scalars{static_cast<float>(alpha), static_cast<float>(clamp_lo), static_cast<float>(clamp_hi),
                           static_cast<float>(kl_logvar_coef), sample};
-  return {groups, BottleneckCall{n, first, d, scalars, seed, recompute}};
+  return {groups, BottleneckCall{n, first, d, scalars, seed, recompute, device_scalars}};
 }
 
 BottleneckForwardResult vib_bottleneck_fwd(const at::Tensor& h, const OptionalTensor& order,
@@ -96,7 +107,7 @@ BottleneckForwardResult vib_bottleneck_fwd(const at::Tensor& h, const OptionalTe
                                            double kl_logvar_coef, bool sample, bool recompute) {
   const auto [groups, call] = make_groups(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t, offsets_t, prior_mus,
                                           prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute);
-  return bottleneck_forward_cpu(h, order, groups, call);
+  return bottleneck_forward(h, order, groups, call);
 }
 
 BottleneckBackwardResult vib_bottleneck_bwd(const at::Tensor& grad_out, const at::Tensor& grad_kl, const at::Tensor& h,
@@ -110,8 +121,12 @@ BottleneckBackwardResult vib_bottleneck_bwd(const at::Tensor& grad_out, const at
                                             const at::Tensor& preact, const at::Tensor& stats) {
   const auto [groups, call] = make_groups(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t, offsets_t, prior_mus,
                                           prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute);
-  TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() && grad_out.is_contiguous(),
+  TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() && grad_out.is_contiguous() &&
+                  grad_out.device() == h.device(),
               "grad_out must be a contiguous tensor like h");
+  for (const at::Tensor* saved : {&grad_kl, &preact, &stats}) {
+    TORCH_CHECK(saved->device() == h.device(), "grad_kl, preact and stats must be on h's device ", h.device());
+  }
   TORCH_CHECK(grad_kl.scalar_type() == at::kFloat && grad_kl.dim() == 1 && grad_kl.size(0) == call.n_order &&
                   grad_kl.is_contiguous(),
               "grad_kl must be a contiguous float32 [M] tensor");
@@ -119,7 +134,7 @@ BottleneckBackwardResult vib_bottleneck_bwd(const at::Tensor& grad_out, const at
               "preact must be the forward's contiguous [M, D] pre-activation");
   TORCH_CHECK(recompute || (stats.sizes() == at::IntArrayRef({call.n_order, 2 * call.dim}) && stats.is_contiguous()),
               "stats must be the forward's contiguous [M, 2D] stats when recompute is false");
-  return bottleneck_backward_cpu(grad_out, grad_kl, h, order, groups, call, preact, stats);
+  return bottleneck_backward(grad_out, grad_kl, h, order, groups, call, preact, stats);
 }
 
 }  // namespace
@@ -144,5 +159,12 @@ TORCH_LIBRARY_IMPL(vittle_fast, CPU, m) {
   m.impl("vib_bottleneck_fwd", &vib_bottleneck_fwd);
   m.impl("vib_bottleneck_bwd", &vib_bottleneck_bwd);
 }
+
+#ifdef VITTLE_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(vittle_fast, CUDA, m) {
+  m.impl("vib_bottleneck_fwd", &vib_bottleneck_fwd);
+  m.impl("vib_bottleneck_bwd", &vib_bottleneck_bwd);
+}
+#endif
 
 }  // namespace vittle_fast

@@ -176,6 +176,40 @@ float fixed_order_sum(const float* x, int64_t n) {
   return total;
 }
 
+// Row i of the forward's tensors (h, z_hat: [N, D]; stats = [mu | logvar]: [N, 2D]), and of the
+// backward's (grad_z_hat, grad_h: [N, D]; stats, grad_stats: [N, 2D]). Both row loops use these.
+template <typename scalar_t>
+struct ForwardRow {
+  const scalar_t* h;
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  scalar_t* z_hat;
+};
+
+template <typename scalar_t>
+ForwardRow<scalar_t> forward_row(int64_t i, int64_t d, const scalar_t* h, const scalar_t* stats, scalar_t* z_hat) {
+  const scalar_t* mu = stats + i * 2 * d;
+  return {h + i * d, mu, mu + d, z_hat + i * d};
+}
+
+template <typename scalar_t>
+struct BackwardRow {
+  const scalar_t* grad_z_hat;
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  scalar_t* grad_h;
+  scalar_t* grad_mu;
+  scalar_t* grad_logvar;
+};
+
+template <typename scalar_t>
+BackwardRow<scalar_t> backward_row(int64_t i, int64_t d, const scalar_t* grad_z_hat, const scalar_t* stats,
+                                   scalar_t* grad_h, scalar_t* grad_stats) {
+  const scalar_t* mu = stats + i * 2 * d;
+  scalar_t* grad_mu = grad_stats + i * 2 * d;
+  return {grad_z_hat + i * d, mu, mu + d, grad_h + i * d, grad_mu, grad_mu + d};
+}
+
 // The element loops are instantiated per value of `sample` so that the per-element select on it
 // folds away; `ivdep` because outputs are fresh allocations that never alias the inputs (the
 // number of pointers is past g++'s limit for runtime alias checks).
@@ -189,10 +223,7 @@ VITTLE_CPU_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* 
   float* kl_terms = scratch.kl_terms.data();
   for (int64_t i = begin; i < end; ++i) {
     const float* eps = kSample ? row_noise(call, i, scratch) : scratch.normals.data();
-    const scalar_t* h_row = h + i * d;
-    const scalar_t* mu_row = stats + i * 2 * d;
-    const scalar_t* logvar_row = mu_row + d;
-    scalar_t* z_row = z_hat + i * d;
+    const auto [h_row, mu_row, logvar_row, z_row] = forward_row(i, d, h, stats, z_hat);
 #pragma GCC ivdep
     for (int64_t j = 0; j < d; ++j) {
       const ForwardElement e = forward_element(static_cast<float>(h_row[j]), static_cast<float>(mu_row[j]),
@@ -216,12 +247,8 @@ VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t*
   for (int64_t i = begin; i < end; ++i) {
     const float* eps = kSample ? row_noise(call, i, scratch) : scratch.normals.data();
     const float w = grad_kl[i] / static_cast<float>(d);
-    const scalar_t* g_row = grad_z_hat + i * d;
-    const scalar_t* mu_row = stats + i * 2 * d;
-    const scalar_t* logvar_row = mu_row + d;
-    scalar_t* grad_h_row = grad_h + i * d;
-    scalar_t* grad_mu_row = grad_stats + i * 2 * d;
-    scalar_t* grad_logvar_row = grad_mu_row + d;
+    const auto [g_row, mu_row, logvar_row, grad_h_row, grad_mu_row, grad_logvar_row] =
+        backward_row(i, d, grad_z_hat, stats, grad_h, grad_stats);
 #pragma GCC ivdep
     for (int64_t j = 0; j < d; ++j) {
       const BackwardElement e = backward_element(static_cast<float>(g_row[j]), w, static_cast<float>(mu_row[j]),
@@ -279,10 +306,7 @@ VITTLE_AVX512 void forward_rows(int64_t begin, int64_t end, const scalar_t* h, c
   const OpScalars s = call.scalars;
   for (int64_t i = begin; i < end; ++i) {
     const float* eps = kSample ? avx512::row_noise(call, i, normals) : nullptr;
-    const scalar_t* h_row = h + i * d;
-    const scalar_t* mu_row = stats + i * 2 * d;
-    const scalar_t* logvar_row = mu_row + d;
-    scalar_t* z_row = z_hat + i * d;
+    const auto [h_row, mu_row, logvar_row, z_row] = forward_row(i, d, h, stats, z_hat);
     for (int64_t j = 0; j < d; j += kGroups * kLanes) {
       const Masks k = tail_masks<kGroups>(d - j);
       const Floats mu = load(mu_row + j, k);
@@ -310,12 +334,8 @@ VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* gra
     const float* eps = kSample ? avx512::row_noise(call, i, normals) : nullptr;
     const float w = grad_kl[i] / static_cast<float>(d);
     const float half_w = w * 0.5f;
-    const scalar_t* g_row = grad_z_hat + i * d;
-    const scalar_t* mu_row = stats + i * 2 * d;
-    const scalar_t* logvar_row = mu_row + d;
-    scalar_t* grad_h_row = grad_h + i * d;
-    scalar_t* grad_mu_row = grad_stats + i * 2 * d;
-    scalar_t* grad_logvar_row = grad_mu_row + d;
+    const auto [g_row, mu_row, logvar_row, grad_h_row, grad_mu_row, grad_logvar_row] =
+        backward_row(i, d, grad_z_hat, stats, grad_h, grad_stats);
     for (int64_t j = 0; j < d; j += kGroups * kLanes) {
       const Masks k = tail_masks<kGroups>(d - j);
       const Floats g = load(g_row + j, k);

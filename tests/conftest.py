@@ -15,3 +15,14 @@ import torch  # noqa: E402
 def _deterministic_torch_seed():
     """Every test starts from the same global RNG state, so failures reproduce."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The uniform training set of test_train_fixtures (images, records, a tokenizer), once per module.
+    A module that needs other records defines its own ``data_dir``."""
+    from test_train_fixtures import make_uniform_dataset
+
+    directory = tmp_path_factory.mktemp("uniform_data")
+    make_uniform_dataset(directory)
+    return directory

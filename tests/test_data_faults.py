@@ -11,7 +11,6 @@ import logging
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from test_data import TWO_TURNS, build_word_tokenizer, make_dataset, png_header_only, write_png
 
 from vittle_fast.data import SKIP_KINDS, BadRecordError, LlavaCollator, Sample, Skipped

@@ -12,19 +12,12 @@ import time
 
 import pytest
 
-from test_train_fixtures import make_uniform_dataset, tiny_args
+from test_train_fixtures import tiny_args
 from vittle_fast.train.lifecycle import OutputDirInUse, Terminated, signals_as_exceptions
 from vittle_fast.train.trainer import main
 
 HOLD_LOCK = ("import sys, time; from pathlib import Path; from vittle_fast.train.lifecycle import OutputDirLock; "
              "OutputDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("lifecycle_data")
-    make_uniform_dataset(directory)
-    return directory
 
 
 def assert_nothing_left(threads_before, seconds=10.0):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from vittle_fast.train.config import LEAVES, ConfigError, TrainConfig, load_yaml, parse_args, save_yaml, to_dict
+from vittle_fast.train.config import LEAVES, ConfigError, load_yaml, parse_args, save_yaml, to_dict
 from vittle_fast.train.noise import noise_offset, noise_seed, splitmix64
 from vittle_fast.train.schedules import vittle_alpha, warmup_cosine_lr_factor
 

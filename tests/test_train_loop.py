@@ -13,19 +13,12 @@ import torch.distributed as dist
 
 import vittle_fast.train.checkpoint as checkpoint_module
 import vittle_fast.train.trainer as trainer_module
-from test_train_fixtures import make_uniform_dataset, tiny_args, torchrun
+from test_train_fixtures import tiny_args, torchrun
 from tolerances import TOL
 from vittle_fast.data.collate import varlen_metadata
 from vittle_fast.train.config import parse_args
 from vittle_fast.train.metrics import read_metrics
 from vittle_fast.train.trainer import count_targets, main
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("uniform_data")
-    make_uniform_dataset(directory)
-    return directory
-
 
 def losses(output_dir, key="loss"):
     return {r["step"]: r[key] for r in read_metrics(output_dir / "metrics.jsonl")}

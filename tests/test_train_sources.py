@@ -4,21 +4,13 @@ against the final DCP checkpoint."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import transformers
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from test_train_fixtures import make_uniform_dataset, tiny_args
+from test_train_fixtures import tiny_args
 from vittle_fast.models import CLIPVisionTower, Llama, llava_from_hf, save_pretrained
 from vittle_fast.train.trainer import main
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("uniform_data")
-    make_uniform_dataset(directory)
-    return directory
 
 
 def pretrained_parts(tmp_path, vocab_size):

@@ -21,7 +21,6 @@ from PIL import Image
 
 from vittle_fast.data.conversation import (
     IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
     VICUNA_V1_SYSTEM,
     render_chat_template,
     render_vicuna_v1,

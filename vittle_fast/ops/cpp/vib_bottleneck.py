@@ -17,7 +17,7 @@ def _schema_scalars(alpha, seed, offsets) -> tuple:
 
 def forward(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, prior_mus, prior_logvars,
             clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute):
-    """``(out, kl, preact, stats)`` of the fused bottleneck (csrc/vib_bottleneck_cpu.cpp)."""
+    """``(out, kl, preact, stats)`` of the fused bottleneck (csrc/vib_bottleneck_blocks.cpp)."""
     return torch.ops.vittle_fast.vib_bottleneck_fwd(
         h, order, group_sizes, w1s, b1s, w2s, b2s, *_schema_scalars(alpha, seed, offsets), prior_mus,
         prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute,

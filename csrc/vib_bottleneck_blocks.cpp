@@ -1,21 +1,27 @@
-// CPU kernel of the fused bottleneck: rows in cache-sized blocks.
+// The fused bottleneck on CPU and CUDA tensors: the GEMMs through ATen (BLAS / cuBLAS), GELU and the
+// sampling/KL tail of the tensor's device (the vib_sample_kl CPU or CUDA kernel), rows in blocks.
 //
-// For each block of a group's rows: gather h's rows, GEMM1 with the bias (addmm, BLAS through ATen),
-// GELU, GEMM2 with the bias into the block's stats, then the sampling/KL tail (the vib_sample_kl CPU
-// kernel) while the block is still in cache, and scatter z_hat to the block's rows. `stats` never
-// exists for all rows at once unless it is saved for backward (recompute = false).
+// For each block of a group's rows: gather h's rows, GEMM1 with the bias (addmm), GELU, GEMM2 with
+// the bias into the block's stats, then the sampling/KL tail while the block is still in cache, and
+// scatter z_hat to the block's rows. `stats` never exists for all rows at once unless it is saved for
+// backward (recompute = false).
 //
 // Backward, block by block in the same order: stats (saved or recomputed), the tail's backward
 // (dstats), then the weight gradients summed over blocks in a fixed order (fp32 from the second
-// block on), GELU's
-// backward and the dgrad GEMMs, dh = (1 - alpha) dz + dA w1 scattered to the block's rows.
-// Blocks hold a multiple of 4 rows, so every block starts on a Philox counter boundary: its noise is
-// the tail's noise with offset + first_row * D / 4 (the contract's stream, docs/DESIGN.md §2).
+// block on), GELU's backward and the dgrad GEMMs, dh = (1 - alpha) dz + dA w1 scattered to the
+// block's rows. Blocks hold a multiple of 4 rows, so every block starts on a Philox counter
+// boundary: its noise is the tail's noise with offset + first_row * D / 4 (the contract's stream,
+// docs/DESIGN.md §2).
+//
+// CPU: 4096-row blocks (below). CUDA: one block per group -- a GPU's GEMMs want every row at once,
+// and a group's noise offset may be a device tensor (CUDA-graph safe), to which no block shift can be
+// added on the host. Nothing here synchronises with the device.
 #include "vib_bottleneck.h"
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace vittle_fast {
 namespace {
@@ -27,7 +33,7 @@ namespace {
 // exists for at most 4096 rows at a time in a recompute forward.
 constexpr int64_t kBlockRows = 4096;
 
-int64_t block_rows(int64_t /*dim*/) { return kBlockRows; }
+int64_t block_rows(const at::Tensor& h) { return h.is_cuda() ? std::numeric_limits<int64_t>::max() : kBlockRows; }
 
 // One block: rows [first, first + size) of `order` (or of h when `order` is None), all in one group.
 struct Block {
@@ -38,13 +44,16 @@ struct Block {
 
   FusedCall tail_call(const BottleneckCall& call) const {
     const uint64_t counter_shift = static_cast<uint64_t>(start) * static_cast<uint64_t>(call.dim) / 4;
-    return {size, call.dim, call.scalars, call.seed, group.offset + counter_shift, group.prior_mu.has_value()};
+    ScalarPointers pointers = call.device_scalars;
+    pointers.offset = group.device_offset;  // set only on CUDA, where a group is one block (start = 0)
+    return {size, call.dim, call.scalars, call.seed, group.offset + counter_shift, group.prior_mu.has_value(),
+            pointers};
   }
 };
 
 template <typename Fn>
-void for_each_block(const std::vector<BottleneckGroup>& groups, int64_t dim, Fn&& fn) {
-  const int64_t rows = block_rows(dim);
+void for_each_block(const std::vector<BottleneckGroup>& groups, const at::Tensor& h, Fn&& fn) {
+  const int64_t rows = block_rows(h);
   for (const BottleneckGroup& group : groups) {
     for (int64_t start = 0; start < group.size; start += rows) {
       fn(Block{group, group.first + start, std::min(rows, group.size - start), start});
@@ -92,37 +101,54 @@ void second_linear(const at::Tensor& gelu, const BottleneckGroup& group, at::Ten
   at::addmm_out(stats_rows, group.b2, gelu, group.w2.t());
 }
 
+ForwardResult tail_forward(const at::Tensor& h_rows, const at::Tensor& stats_rows, const Block& block,
+                           const BottleneckCall& call) {
+  const FusedCall tail = block.tail_call(call);
+#ifdef VITTLE_FAST_WITH_CUDA
+  if (h_rows.is_cuda()) return forward_cuda(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+#endif
+  return forward_cpu(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+}
+
+BackwardResult tail_backward(const at::Tensor& grad_rows, const at::Tensor& grad_kl_rows, const at::Tensor& stats_rows,
+                             const Block& block, const BottleneckCall& call) {
+  const FusedCall tail = block.tail_call(call);
+#ifdef VITTLE_FAST_WITH_CUDA
+  if (stats_rows.is_cuda()) {
+    return backward_cuda(grad_rows, grad_kl_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+  }
+#endif
+  return backward_cpu(grad_rows, grad_kl_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+}
+
 }  // namespace
 
-BottleneckForwardResult bottleneck_forward_cpu(const at::Tensor& h, const OptionalTensor& order,
-                                               const std::vector<BottleneckGroup>& groups,
-                                               const BottleneckCall& call) {
+BottleneckForwardResult bottleneck_forward(const at::Tensor& h, const OptionalTensor& order,
+                                           const std::vector<BottleneckGroup>& groups, const BottleneckCall& call) {
   const int64_t m = call.n_order;
   const int64_t d = call.dim;
   at::Tensor out = output_like(h, order, call);
   at::Tensor kl = at::empty({m}, h.options().dtype(at::kFloat));
   at::Tensor preact = at::empty({m, d}, h.options());
   at::Tensor stats = at::empty({call.recompute ? 0 : m, 2 * d}, h.options());
-  at::Tensor scratch = call.recompute ? at::empty({std::min(m, block_rows(d)), 2 * d}, h.options()) : at::Tensor();
-  for_each_block(groups, d, [&](const Block& block) {
+  at::Tensor scratch = call.recompute ? at::empty({std::min(m, block_rows(h)), 2 * d}, h.options()) : at::Tensor();
+  for_each_block(groups, h, [&](const Block& block) {
     const at::Tensor h_rows = gather(h, order, block);
     at::Tensor preact_rows = preact.narrow(0, block.first, block.size);
     at::addmm_out(preact_rows, block.group.b1, h_rows, block.group.w1.t());
     at::Tensor stats_rows = call.recompute ? scratch.narrow(0, 0, block.size) : stats.narrow(0, block.first, block.size);
     second_linear(at::gelu(preact_rows), block.group, stats_rows);
-    auto [z_hat, kl_rows] = forward_cpu(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar,
-                                        block.tail_call(call));
+    auto [z_hat, kl_rows] = tail_forward(h_rows, stats_rows, block, call);
     kl.narrow(0, block.first, block.size).copy_(kl_rows);
     scatter(out, order, block, z_hat);
   });
   return {out, kl, preact, stats};
 }
 
-BottleneckBackwardResult bottleneck_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_kl,
-                                                 const at::Tensor& h, const OptionalTensor& order,
-                                                 const std::vector<BottleneckGroup>& groups,
-                                                 const BottleneckCall& call, const at::Tensor& preact,
-                                                 const at::Tensor& stats) {
+BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const at::Tensor& grad_kl,
+                                             const at::Tensor& h, const OptionalTensor& order,
+                                             const std::vector<BottleneckGroup>& groups, const BottleneckCall& call,
+                                             const at::Tensor& preact, const at::Tensor& stats) {
   const int64_t d = call.dim;
   const auto fp32 = h.options().dtype(at::kFloat);
   at::Tensor grad_h = output_like(grad_out, order, call);
@@ -135,8 +161,8 @@ BottleneckBackwardResult bottleneck_backward_cpu(const at::Tensor& grad_out, con
     glv.push_back(at::zeros({prior_size}, fp32));
   }
   at::Tensor scratch =
-      call.recompute ? at::empty({std::min(call.n_order, block_rows(d)), 2 * d}, h.options()) : at::Tensor();
-  for_each_block(groups, d, [&](const Block& block) {
+      call.recompute ? at::empty({std::min(call.n_order, block_rows(h)), 2 * d}, h.options()) : at::Tensor();
+  for_each_block(groups, h, [&](const Block& block) {
     const size_t g = static_cast<size_t>(&block.group - groups.data());
     const at::Tensor preact_rows = preact.narrow(0, block.first, block.size);
     const at::Tensor gelu = at::gelu(preact_rows);
@@ -148,8 +174,8 @@ BottleneckBackwardResult bottleneck_backward_cpu(const at::Tensor& grad_out, con
       stats_rows = stats.narrow(0, block.first, block.size);
     }
     auto [grad_h_rows, grad_stats, grad_mu_p, grad_lv_p] =
-        backward_cpu(gather(grad_out, order, block), grad_kl.narrow(0, block.first, block.size), stats_rows,
-                     block.group.prior_mu, block.group.prior_logvar, block.tail_call(call));
+        tail_backward(gather(grad_out, order, block), grad_kl.narrow(0, block.first, block.size), stats_rows, block,
+                      call);
     if (block.group.prior_mu.has_value()) {
       gmu[g].add_(grad_mu_p);
       glv[g].add_(grad_lv_p);
