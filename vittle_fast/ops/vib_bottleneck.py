@@ -8,6 +8,8 @@ rows (Vittle: visual and text tokens), the rows of each group picked by ``order`
 launch per pass. The contract is docs/DESIGN.md §2b. Layers, as for ``vib_sample_kl``: backend
 launchers (``triton/vib_bottleneck.py``, ``cpp/vib_bottleneck.py`` -> ``csrc/vib_bottleneck_*``) -> two
 ``torch.library.custom_op``s (forward, backward) wired with ``register_autograd`` -> the functional API.
+Plain eager calls skip the custom-op layer: the same launchers and autograd functions run through
+``ops/eager.py`` (bitwise the same results, less Python per call).
 
 Saved for backward beyond the inputs: the GELU pre-activation ``[M, D]`` and ``stats`` ``[M, 2D]`` in
 h's dtype, or only the pre-activation with ``recompute=True`` (backward recomputes ``stats`` with one
@@ -25,6 +27,7 @@ from .reference import KL_LOGVAR_COEF, vib_bottleneck_grouped_reference
 from .scalars import scalar_args, value_or_tensor
 from . import backends
 from .backends import resolve_backend
+from .eager import OpRoute, run_eager, use_custom_op
 from .vib_sample_kl import _check_tensor, _validate_tail_options
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -65,6 +68,13 @@ def _bottleneck_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out [N, D], kl [M] fp32, preact [M, D], stats [M or 0, 2D])``; the last two are saved for
     backward (``order=None``: one group of all rows, in order)."""
+    return _launch_forward(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t,
+                           offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute,
+                           backend)
+
+
+def _launch_forward(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t, offsets_t,
+                    prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute, backend):
     return backends.module(backend).vib_bottleneck.forward(
         h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t),
         value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample,
@@ -112,6 +122,14 @@ def _bottleneck_backward(
            list[torch.Tensor], list[torch.Tensor]]:
     """``(grad_h, grad_w1s, grad_b1s, grad_w2s, grad_b2s, grad_prior_mus, grad_prior_logvars)``; a
     group without a prior gets empty ``[0]`` prior gradients."""
+    return _launch_backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets,
+                            alpha_t, seed_t, offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef,
+                            sample, recompute, preact, stats, backend)
+
+
+def _launch_backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t,
+                     seed_t, offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample,
+                     recompute, preact, stats, backend):
     return backends.module(backend).vib_bottleneck.backward(
         grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t),
         value_or_tensor(seed, seed_t), value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo,
@@ -145,6 +163,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_kl, _grad_preact, _grad_stats):
+    return _gradients(ctx, (grad_out, grad_kl), _bottleneck_backward)
+
+
+def _gradients(ctx, grads, launch_backward):
+    """The backward of the forward op, one gradient (or list of them) per input, computed by
+    ``launch_backward`` (the backward custom op, or its launcher on the eager route)."""
+    grad_out, grad_kl = grads[:2]
     h, order, preact, stats, alpha_t, seed_t, offsets_t, *rest = ctx.saved_tensors
     g = ctx.n_groups
     w1s, b1s, w2s, b2s, prior_mus, prior_logvars = (list(rest[i * g:(i + 1) * g]) for i in range(6))
@@ -153,7 +178,7 @@ def _backward(ctx, grad_out, grad_kl, _grad_preact, _grad_stats):
     if grad_kl is None:
         grad_kl = preact.new_zeros((preact.shape[0],), dtype=torch.float32)
     a = ctx.args
-    grad_h, gw1, gb1, gw2, gb2, gmu, glv = _bottleneck_backward(
+    grad_h, gw1, gb1, gw2, gb2, gmu, glv = launch_backward(
         grad_out.contiguous(), grad_kl.float().contiguous(), h, order, a["group_sizes"], w1s, b1s, w2s, b2s,
         a["alpha"], a["seed"], a["offsets"], alpha_t, seed_t, offsets_t, prior_mus, prior_logvars, a["clamp_lo"],
         a["clamp_hi"], a["kl_logvar_coef"], a["sample"], a["recompute"], preact, stats, a["backend"],
@@ -162,6 +187,7 @@ def _backward(ctx, grad_out, grad_kl, _grad_preact, _grad_stats):
 
 
 _bottleneck_forward.register_autograd(_backward, setup_context=_setup_context)
+_EAGER_ROUTE = OpRoute(_launch_forward, _setup_context, _gradients, _launch_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,10 +275,12 @@ def _run(h, order, group_sizes, weights, scalars, priors, logvar_clamp, kl_form,
     no_prior = h.new_empty((0,), dtype=torch.float32)
     prior_mus = [no_prior if p is None else p[0].float().contiguous() for p in priors]
     prior_logvars = [no_prior if p is None else p[1].float().contiguous() for p in priors]
-    out, kl, _, _ = _bottleneck_forward(
-        h.contiguous(), order, list(group_sizes), w1s, b1s, w2s, b2s, *scalars, prior_mus, prior_logvars,
-        clamp_lo, clamp_hi, KL_LOGVAR_COEF[kl_form], sample, recompute, backend,
-    )
+    inputs = (h.contiguous(), order, list(group_sizes), w1s, b1s, w2s, b2s, *scalars, prior_mus, prior_logvars,
+              clamp_lo, clamp_hi, KL_LOGVAR_COEF[kl_form], sample, recompute, backend)
+    if use_custom_op(h, *w1s, *b1s, *w2s, *b2s, *prior_mus, *prior_logvars):
+        out, kl, _, _ = _bottleneck_forward(*inputs)
+    else:
+        out, kl, _, _ = run_eager(_EAGER_ROUTE, inputs)
     return out, kl
 
 

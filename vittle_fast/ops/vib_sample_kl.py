@@ -4,6 +4,8 @@ Layers, Liger-Kernel style: backend launchers (``triton/vib_sample_kl.py``, ``cp
 chosen through ``backends.py``) -> two
 ``torch.library.custom_op``s (forward, backward) wired with ``register_autograd`` -> the functional
 API ``vib_sample_kl`` that validates arguments and picks a backend. The contract is docs/DESIGN.md §2.
+Plain eager calls skip the custom-op layer: the same launchers and autograd functions run through
+``ops/eager.py`` (bitwise the same results, less Python per call).
 
 Only ``stats``, the priors and the scalars (ops/scalars.py) are saved for backward: the noise is
 regenerated from ``(seed, offset)`` and ``h`` is not needed because ``dL/dh = (1 - alpha) * dL/dz_hat``.
@@ -16,6 +18,7 @@ import torch
 
 from . import backends
 from .backends import resolve_backend
+from .eager import OpRoute, run_eager, use_custom_op
 from .philox import normal_noise
 from .reference import KL_LOGVAR_COEF, vib_sample_kl_reference
 from .scalars import scalar_args, value_or_tensor
@@ -45,6 +48,12 @@ def _fused_forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalars as ``(value, tensor or None)`` pairs (ops/scalars.py); the launchers take either."""
+    return _launch_forward(h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar, clamp_lo,
+                           clamp_hi, kl_logvar_coef, sample, backend)
+
+
+def _launch_forward(h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar, clamp_lo,
+                    clamp_hi, kl_logvar_coef, sample, backend):
     return backends.module(backend).vib_sample_kl.forward(
         h, stats, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
         prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample,
@@ -77,6 +86,12 @@ def _fused_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_h, grad_stats, grad_prior_mu, grad_prior_logvar); the prior gradients are
     empty ``[0]`` tensors for the fixed prior (whose priors are empty tensors too)."""
+    return _launch_backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
+                            prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample, backend)
+
+
+def _launch_backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
+                     prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample, backend):
     return backends.module(backend).vib_sample_kl.backward(
         grad_z_hat, grad_kl, stats,
         value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
@@ -105,13 +120,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_z_hat, grad_kl):
+    return _gradients(ctx, (grad_z_hat, grad_kl), _fused_backward)
+
+
+def _gradients(ctx, grads, launch_backward):
+    """One gradient per forward input, computed by ``launch_backward`` (the backward custom op, or
+    its launcher on the eager route: ops/eager.py)."""
+    grad_z_hat, grad_kl = grads
     stats, *scalar_tensors, prior_mu, prior_logvar = ctx.saved_tensors
     n_tokens, d = stats.shape[0], stats.shape[1] // 2
     if grad_z_hat is None:
         grad_z_hat = stats.new_zeros((n_tokens, d), dtype=ctx.h_dtype)
     if grad_kl is None:
         grad_kl = stats.new_zeros((n_tokens,), dtype=torch.float32)
-    grad_h, grad_stats, grad_mu_p, grad_lv_p = _fused_backward(
+    grad_h, grad_stats, grad_mu_p, grad_lv_p = launch_backward(
         grad_z_hat.contiguous(), grad_kl.float().contiguous(), stats, *ctx.scalars, *scalar_tensors,
         prior_mu, prior_logvar, *ctx.options,
     )
@@ -121,6 +143,7 @@ def _backward(ctx, grad_z_hat, grad_kl):
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
+_EAGER_ROUTE = OpRoute(_launch_forward, _setup_context, _gradients, _launch_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,16 +258,8 @@ def vib_sample_kl(
         )
 
     clamp_lo, clamp_hi = (-math.inf, math.inf) if logvar_clamp is None else map(float, logvar_clamp)
-    z_hat, kl = _fused_forward(
-        h.reshape(-1, d).contiguous(),
-        stats.reshape(-1, 2 * d).contiguous(),
-        *scalars,
-        prior_mu,
-        prior_logvar,
-        clamp_lo,
-        clamp_hi,
-        KL_LOGVAR_COEF[kl_form],
-        sample,
-        backend,
-    )
+    inputs = (h.reshape(-1, d).contiguous(), stats.reshape(-1, 2 * d).contiguous(), *scalars, prior_mu, prior_logvar,
+              clamp_lo, clamp_hi, KL_LOGVAR_COEF[kl_form], sample, backend)
+    z_hat, kl = (_fused_forward(*inputs) if use_custom_op(h, stats, prior_mu, prior_logvar)
+                 else run_eager(_EAGER_ROUTE, inputs))
     return z_hat.reshape(h.shape), kl.reshape(lead_shape)
