@@ -182,10 +182,11 @@ BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const a
     }
     accumulate(gw2[g], at::mm(grad_stats.t(), gelu));
     accumulate(gb2[g], at::sum(grad_stats, {0}, false, at::kFloat));
-    const at::Tensor grad_preact = at::gelu_backward(at::mm(grad_stats, block.group.w2), preact_rows);
+    at::Tensor grad_preact = at::mm(grad_stats, block.group.w2);        // dG, then in place dA = GELU'(A) dG
+    at::gelu_backward_out(grad_preact, grad_preact, preact_rows);
     accumulate(gw1[g], at::mm(grad_preact.t(), gather(h, order, block)));
     accumulate(gb1[g], at::sum(grad_preact, {0}, false, at::kFloat));
-    grad_h_rows.add_(at::mm(grad_preact, block.group.w1));  // (1 - alpha) dz + dA w1
+    at::addmm_out(grad_h_rows, grad_h_rows, grad_preact, block.group.w1);  // (1 - alpha) dz + dA w1, one pass
     scatter(grad_h, order, block, grad_h_rows);
   });
   for (size_t g = 0; g < n_groups; ++g) {

@@ -88,7 +88,7 @@ def test_plain_eager_calls_skip_the_custom_op_and_modes_see_it(backend):
 
 def test_use_custom_op_conditions():
     plain = torch.zeros(2)
-    assert not eager.use_custom_op(plain)
+    assert not eager.use_custom_op(plain, torch.nn.Linear(2, 2).weight)  # tensors and module parameters
     with OpNames():
         assert eager.use_custom_op(plain)
 
@@ -112,3 +112,17 @@ def test_eager_route_under_activation_checkpointing_matches_without():
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
+
+
+def test_the_module_takes_the_eager_route():
+    """VittleBottleneck passes its nn.Parameters: still plain eager (a module test would miss a route
+    that only plain tensors take, as the first version of ops/eager.py did)."""
+    from vittle_fast.nn.bottleneck import VittleBottleneck, VittleConfig
+
+    module = VittleBottleneck(8, VittleConfig(layer_v=0, layer_t=0, prior="learnable", backend=KERNELS[0]))
+    hidden = torch.randn(6, 8, requires_grad=True)
+    masks = {"visual": torch.ones(2, dtype=torch.bool), "text": torch.ones(4, dtype=torch.bool)}
+    with mock.patch.object(bottleneck_module, "_bottleneck_forward", side_effect=AssertionError("custom op used")):
+        out, kl = module.forward_both(hidden, torch.arange(6), 2, masks, alpha=0.5, noise_seed=1)
+        (out.sum() + kl["visual"] + kl["text"]).backward()
+    assert module.mlp_v[0].weight.grad is not None and module.prior_mu_t.grad is not None

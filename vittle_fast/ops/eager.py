@@ -30,11 +30,14 @@ class OpRoute(NamedTuple):
     launch_backward: Callable
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # a module's weights are Parameters (FSDP2's unsharded ones too)
+
+
 def use_custom_op(*tensors: torch.Tensor) -> bool:
     """True when a call must go through the custom op: under ``torch.compile`` / export tracing, inside a
-    ``TorchDispatchMode`` (``make_fx``, fake tensors, op counters), or with tensor subclasses."""
+    ``TorchDispatchMode`` (``make_fx``, fake tensors, op counters), or with tensor subclasses (DTensor, ...)."""
     return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-            or any(type(t) is not torch.Tensor for t in tensors))
+            or any(type(t) not in _PLAIN_TYPES for t in tensors))
 
 
 def _flatten(inputs: tuple) -> tuple[tuple, tuple]:
