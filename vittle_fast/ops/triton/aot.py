@@ -114,7 +114,9 @@ class GemmVariant:
     flags: tuple[tuple[str, bool], ...]  # the kernel's boolean constexprs
     config: bottleneck.GemmConfig
 
-    max_registers = None
+    @property
+    def max_registers(self) -> int | None:
+        return self.config.max_registers
 
     @property
     def num_warps(self) -> int:
