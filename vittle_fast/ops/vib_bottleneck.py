@@ -41,9 +41,10 @@ Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 # None or an int64 [groups] tensor. The launchers take the value or the tensor.
 # "No prior" is None in the public API and an empty [0] float32 tensor below it, in the inputs and
 # in the gradient outputs alike (autograd cannot route gradients through a list holding None).
+# Each custom op wraps its launcher function itself; the eager route (ops/eager.py) calls the same
+# function directly.
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("vittle_fast::vib_bottleneck", mutates_args=())
-def _bottleneck_forward(
+def _launch_forward(
     h: torch.Tensor,
     order: torch.Tensor | None,
     group_sizes: list[int],
@@ -68,18 +69,14 @@ def _bottleneck_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out [N, D], kl [M] fp32, preact [M, D], stats [M or 0, 2D])``; the last two are saved for
     backward (``order=None``: one group of all rows, in order)."""
-    return _launch_forward(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t,
-                           offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute,
-                           backend)
-
-
-def _launch_forward(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t, seed_t, offsets_t,
-                    prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute, backend):
     return backends.module(backend).vib_bottleneck.forward(
         h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t),
         value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample,
         recompute,
     )
+
+
+_bottleneck_forward = torch.library.custom_op("vittle_fast::vib_bottleneck", mutates_args=())(_launch_forward)
 
 
 @_bottleneck_forward.register_fake
@@ -91,8 +88,7 @@ def _bottleneck_forward_fake(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, s
             h.new_empty((0 if recompute else m, 2 * d)))
 
 
-@torch.library.custom_op("vittle_fast::vib_bottleneck_backward", mutates_args=())
-def _bottleneck_backward(
+def _launch_backward(
     grad_out: torch.Tensor,
     grad_kl: torch.Tensor,
     h: torch.Tensor,
@@ -122,19 +118,15 @@ def _bottleneck_backward(
            list[torch.Tensor], list[torch.Tensor]]:
     """``(grad_h, grad_w1s, grad_b1s, grad_w2s, grad_b2s, grad_prior_mus, grad_prior_logvars)``; a
     group without a prior gets empty ``[0]`` prior gradients."""
-    return _launch_backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets,
-                            alpha_t, seed_t, offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef,
-                            sample, recompute, preact, stats, backend)
-
-
-def _launch_backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, alpha_t,
-                     seed_t, offsets_t, prior_mus, prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample,
-                     recompute, preact, stats, backend):
     return backends.module(backend).vib_bottleneck.backward(
         grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, value_or_tensor(alpha, alpha_t),
         value_or_tensor(seed, seed_t), value_or_tensor(offsets, offsets_t), prior_mus, prior_logvars, clamp_lo,
         clamp_hi, kl_logvar_coef, sample, recompute, preact, stats,
     )
+
+
+_bottleneck_backward = torch.library.custom_op("vittle_fast::vib_bottleneck_backward",
+                                              mutates_args=())(_launch_backward)
 
 
 @_bottleneck_backward.register_fake

@@ -27,10 +27,10 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------
-# Custom ops (what torch.compile and autograd see)
+# Custom ops (what torch.compile and autograd see), each wrapping its launcher function itself;
+# the eager route (ops/eager.py) calls the same function directly.
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("vittle_fast::vib_sample_kl", mutates_args=())
-def _fused_forward(
+def _launch_forward(
     h: torch.Tensor,
     stats: torch.Tensor,
     alpha: float,
@@ -48,16 +48,13 @@ def _fused_forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalars as ``(value, tensor or None)`` pairs (ops/scalars.py); the launchers take either."""
-    return _launch_forward(h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar, clamp_lo,
-                           clamp_hi, kl_logvar_coef, sample, backend)
-
-
-def _launch_forward(h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar, clamp_lo,
-                    clamp_hi, kl_logvar_coef, sample, backend):
     return backends.module(backend).vib_sample_kl.forward(
         h, stats, value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
         prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
+
+
+_fused_forward = torch.library.custom_op("vittle_fast::vib_sample_kl", mutates_args=())(_launch_forward)
 
 
 @_fused_forward.register_fake
@@ -65,8 +62,7 @@ def _fused_forward_fake(h, stats, *args):
     return torch.empty_like(h), h.new_empty(h.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("vittle_fast::vib_sample_kl_backward", mutates_args=())
-def _fused_backward(
+def _launch_backward(
     grad_z_hat: torch.Tensor,
     grad_kl: torch.Tensor,
     stats: torch.Tensor,
@@ -86,17 +82,14 @@ def _fused_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_h, grad_stats, grad_prior_mu, grad_prior_logvar); the prior gradients are
     empty ``[0]`` tensors for the fixed prior (whose priors are empty tensors too)."""
-    return _launch_backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
-                            prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample, backend)
-
-
-def _launch_backward(grad_z_hat, grad_kl, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu,
-                     prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample, backend):
     return backends.module(backend).vib_sample_kl.backward(
         grad_z_hat, grad_kl, stats,
         value_or_tensor(alpha, alpha_t), value_or_tensor(seed, seed_t), value_or_tensor(offset, offset_t),
         prior_mu, prior_logvar, clamp_lo, clamp_hi, kl_logvar_coef, sample,
     )
+
+
+_fused_backward = torch.library.custom_op("vittle_fast::vib_sample_kl_backward", mutates_args=())(_launch_backward)
 
 
 @_fused_backward.register_fake
