@@ -7,11 +7,17 @@ and their predicted H100 cost (a prediction: no GPU here).
   ``vib_sample_kl(..., backend="cpp")`` (``VittleConfig.fused_mlp=False``).
 - ``fused``: ``vib_bottleneck(..., backend="cpp")`` (``VittleConfig.fused_mlp=True``).
 
-GPU model: time = GEMM FLOPs / (peak x ``GEMM_EFFICIENCY``) + bytes of the non-GEMM passes / HBM
-bandwidth. Non-GEMM bytes and launches are counted from the recorded ATen ops (eager, module: a
-``TorchDispatchMode`` on meta tensors, as benchmarks/gpu_model.py) or from the fused kernels' I/O
-(fused: the Triton launches of ops/triton/vib_bottleneck.py, whose GEMM epilogues hold the
-elementwise work).
+GPU model (a per-kernel roofline): each kernel takes max(FLOPs / (peak x ``GEMM_EFFICIENCY``),
+bytes / HBM bandwidth). Every GEMM of this grid is compute-bound (arithmetic intensity >= ~450
+FLOP/B for bf16 at D = 1024, above the H100's ~207 FLOP/B ridge at 70% of peak), so a GEMM takes its
+FLOP time and the bytes of an epilogue fused into it are hidden unless they exceed it; an elementwise
+pass takes its bytes. Hence predicted = GEMM-FLOP floor + the bytes of the passes that are not in a
+GEMM (+ any GEMM's bytes beyond its FLOP time). Non-GEMM bytes and launches are counted from the
+recorded ATen ops (eager, module: a ``TorchDispatchMode`` on meta tensors, as benchmarks/gpu_model.py)
+or from the fused kernels' I/O (fused: the Triton launches of ops/triton/vib_bottleneck.py).
+``bound``: the floor plus the one pass no design with a materialised ``dstats`` avoids (read
+``stats`` and ``grad_out``, write ``dstats``: 5·N·D elements) -- computing ``dstats`` inside the dgrad
+GEMM instead would redo the noise for every output column tile.
 """
 from __future__ import annotations
 
@@ -99,26 +105,46 @@ def _recorded_non_gemm(name: str, n: int, d: int, dtype: torch.dtype) -> tuple[i
     return counter.cost.bytes + tail.bytes, counter.cost.launches + tail.launches
 
 
-def _fused_non_gemm(n: int, d: int, dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes and launches of the Triton path outside the GEMM operand streams (their epilogues'
-    extra I/O and the backward's elementwise passes); one group."""
+def _fused_kernels(n: int, d: int, dtype: torch.dtype) -> list[tuple[str, int, int]]:
+    """(kernel, FLOPs, bytes) of every launch of the Triton path (ops/triton/vib_bottleneck.py), one
+    group, saved ``stats`` (the default). Bytes: everything the kernel reads or writes."""
     e = torch.empty((), dtype=dtype).element_size()
-    nd = n * d
-    forward = (2 * nd) * e + (nd * e + nd * e + 4 * n * (d // 64))  # GEMM1 writes preact + GELU;
-    # GEMM2 epilogue reads h, writes z_hat, KL partials (64-wide column tiles); stats is saved (2·N·D)
-    forward += 2 * nd * e
-    backward = 2 * nd * e  # GELU recomputed from preact
-    backward += (nd + 2 * nd) * e + 4 * n  # tail epilogue: reads grad_out (+ grad_kl), writes dstats
-    backward += 3 * nd * e  # gelu_backward: dG, preact -> dA
-    backward += 2 * nd * e + 2 * nd * e  # (1 - alpha) dz, then + dA W1 (read/write of grad_h)
-    launches = 2 + 1 + 1 + 1 + 4 + 2 + 1  # 2 fwd; GELU, tail, gelu_bwd, 4 GEMMs, 2 bias sums, scale
-    return forward + backward, launches
+    nd, dd = n * d * e, d * d * e
+    kl_partials = 4 * n * (d // 64)  # fp32, one per 64-wide column tile
+    return [
+        # forward: GEMM1 (gathered h, W1 -> preact, GELU), GEMM2 + tail (GELU, W2, h -> z_hat, stats, KL)
+        ("gemm1 + bias + GELU", 2 * n * d * d, nd + dd + 2 * nd),
+        ("gemm2 + sample/KL", 2 * n * d * 2 * d, nd + 2 * dd + nd + nd + 2 * nd + kl_partials),
+        ("KL partial sum", 0, kl_partials + 4 * n),
+        # backward: tail (stats, grad_out, grad_kl -> dstats, (1 - alpha) dz), dG, GELU pass, wgrads,
+        # bias sums, dh = (1 - alpha) dz + dA W1 (addmm_: reads and writes its C)
+        ("tail backward", 0, 2 * nd + nd + 4 * n + 2 * nd + nd),
+        ("dG = dstats W2", 2 * n * 2 * d * d, 2 * nd + 2 * dd + nd),
+        ("GELU backward + GELU", 0, 4 * nd),
+        ("dW2 = dstats^T G", 2 * 2 * d * n * d, 2 * nd + nd + 2 * dd),
+        ("db2", 0, 2 * nd),
+        ("dW1 = dA^T h", 2 * d * n * d, 2 * nd + dd),
+        ("db1", 0, nd),
+        ("dh += dA W1", 2 * n * d * d, nd + dd + 2 * nd),
+    ]
+
+
+def _roofline_us(flops: int, nbytes: int, dtype: torch.dtype) -> float:
+    return max(flops / (H100_PEAK_FLOPS[dtype] * GEMM_EFFICIENCY), nbytes / H100_BYTES_PER_S) * 1e6
 
 
 def predicted(name: str, n: int, d: int, dtype: torch.dtype) -> dict:
-    """Predicted H100 fwd+bwd: GEMM-FLOP floor, non-GEMM bytes, launches, time (µs)."""
-    nongemm, launches = _fused_non_gemm(n, d, dtype) if name == "fused" else _recorded_non_gemm(name, n, d, dtype)
+    """Predicted H100 fwd+bwd (per-kernel roofline, module doc): GEMM-FLOP floor, bytes of the passes
+    outside the GEMMs, launches, time (µs); ``name`` is a provider or ``"bound"``."""
     floor_us = gemm_flops(n, d) / (H100_PEAK_FLOPS[dtype] * GEMM_EFFICIENCY) * 1e6
-    return {"gemm_floor_us": floor_us, "bytes": nongemm, "launches": launches,
-            "h100_us": floor_us + nongemm / H100_BYTES_PER_S * 1e6}
-
+    e = torch.empty((), dtype=dtype).element_size()
+    if name == "bound":
+        nongemm, launches, time_us = 5 * n * d * e, None, floor_us + 5 * n * d * e / H100_BYTES_PER_S * 1e6
+    elif name == "fused":
+        kernels = _fused_kernels(n, d, dtype)
+        nongemm = sum(nbytes for _, flops, nbytes in kernels if not flops)
+        launches, time_us = len(kernels), sum(_roofline_us(flops, nbytes, dtype) for _, flops, nbytes in kernels)
+    else:  # recorded ops: GEMMs compute-bound (module doc), the rest memory-bound
+        nongemm, launches = _recorded_non_gemm(name, n, d, dtype)
+        time_us = floor_us + nongemm / H100_BYTES_PER_S * 1e6
+    return {"gemm_floor_us": floor_us, "bytes": nongemm, "launches": launches, "h100_us": time_us}

@@ -62,21 +62,23 @@ def test_every_launchable_variant_compiles_without_spills():
 
 @pytest.mark.slow
 def test_bottleneck_kernels_compile_for_sm80_and_sm90_without_spills():
-    """The fused bottleneck's GEMM kernels (``--op vib_bottleneck``): the training launches, bf16 on
-    sm_80 and sm_90 and fp16 on sm_90, no spills, no local memory (~12 compiles of ~10 s)."""
+    """The fused bottleneck's kernels (``--op vib_bottleneck``): the training launches, bf16 on sm_80 and
+    sm_90 and fp16 on sm_90, no spills, no local memory (18 compiles, ~25 s)."""
     rows = run_aot("--op", "vib_bottleneck")
     for row in rows:
         assert row["spill B"] == "0" and row["local B"] == "0", f"spills: {row}"
     covered = {(row["kernel"], row["sm"]) for row in rows}
-    assert covered == {(k, sm) for k in ("linear_gelu", "tail_fwd", "tail_bwd") for sm in ("80", "90")}
+    assert covered == {(k, sm) for k in ("linear_gelu", "gelu_bwd", "tail_fwd", "tail_bwd")
+                       for sm in ("80", "90")}
 
 
 @pytest.mark.slow
 def test_every_bottleneck_variant_compiles_without_spills():
-    """``--op vib_bottleneck --full``: every flag combination of the three kernels, bf16 and fp16, sm_80
-    and sm_90 (264 compiles, ~7.5 min). The subset above missed the sm_80 fixed-prior backward's
+    """``--op vib_bottleneck --full``: every flag combination of the four kernels, bf16 and fp16, sm_80
+    and sm_90 (272 compiles, ~7.5 min). The subset above missed the sm_80 fixed-prior backward's
     spills (ptxas left to itself) and a register cap's 64 spilling forward variants."""
     rows = run_aot("--op", "vib_bottleneck", "--full")
     for row in rows:
         assert row["spill B"] == "0" and row["local B"] == "0", f"spills: {row}"
-    assert len(rows) == 2 * 2 * (2 + 2**5 + 2**5)  # (sm, dtype) x (linear_gelu, tail_fwd, tail_bwd flag sets)
+    # (sm, dtype) x (linear_gelu, gelu_bwd, tail_fwd, tail_bwd flag sets)
+    assert len(rows) == 2 * 2 * (2 + 2 + 2**5 + 2**5)

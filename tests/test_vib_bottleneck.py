@@ -187,6 +187,29 @@ def test_triton_odd_shapes(n, d, sizes):
     check("triton", n, d, torch.float32, sizes, [i % 2 == 1 for i in range(len(sizes))], recompute=True)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton backend unavailable")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 7, 1300])
+def test_triton_gelu_backward_pass_matches_aten(dtype, numel):
+    """The backward's one-pass GELU (dA = dG * GELU'(A) in place, GELU(A) beside it) against ATen's
+    ``gelu_backward`` and ``F.gelu`` (exact erf), ragged sizes; without STORE_GELU the buffer is untouched."""
+    from vittle_fast.ops.triton.vib_bottleneck import _gelu_backward_
+
+    g = torch.Generator().manual_seed(numel)
+    preact = (torch.randn(numel, generator=g) * 3).to(dtype)
+    grad = torch.randn(numel, generator=g).to(dtype)
+    expected_grad = torch.ops.aten.gelu_backward(grad.float(), preact.float()).to(dtype)
+    for store in (True, False):
+        out, gelu = grad.clone(), torch.full_like(preact, 7.0)
+        _gelu_backward_(out, preact, gelu, store)
+        torch.testing.assert_close(out, expected_grad, **TOL[str(dtype).removeprefix("torch.")])
+        if store:
+            torch.testing.assert_close(gelu, torch.nn.functional.gelu(preact.float()).to(dtype),
+                                       **TOL[str(dtype).removeprefix("torch.")])
+        else:
+            assert torch.equal(gelu, torch.full_like(preact, 7.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # The contract's equalities
 # ---------------------------------------------------------------------------------------------

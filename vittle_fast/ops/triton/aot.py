@@ -106,9 +106,9 @@ def variants(full: bool) -> list[Variant]:
 
 @dataclass(frozen=True)
 class GemmVariant:
-    """One specialisation of a bottleneck kernel (``linear_gelu`` | ``linear_tail`` fwd/bwd)."""
+    """One specialisation of a bottleneck kernel (``linear_gelu`` | ``linear_tail`` fwd/bwd | ``gelu_bwd``)."""
 
-    kernel: str  # "linear_gelu" | "tail_fwd" | "tail_bwd"
+    kernel: str  # "linear_gelu" | "tail_fwd" | "tail_bwd" | "gelu_bwd"
     cc: int
     dtype: str
     flags: tuple[tuple[str, bool], ...]  # the kernel's boolean constexprs
@@ -128,11 +128,16 @@ class GemmVariant:
 
     @property
     def fn(self):
-        return bottleneck._linear_gelu_kernel if self.kernel == "linear_gelu" else bottleneck._linear_tail_kernel
+        return {"linear_gelu": bottleneck._linear_gelu_kernel, "gelu_bwd": bottleneck._gelu_backward_kernel}.get(
+            self.kernel, bottleneck._linear_tail_kernel)
 
     def source(self) -> ASTSource:
         t = f"*{self.dtype}"
-        if self.kernel == "linear_gelu":
+        if self.kernel == "gelu_bwd":
+            pointers = {"preact_ptr": t, "grad_ptr": t, "gelu_ptr": t}
+            scalars = {"numel": "i32"}
+            flags = {**dict(self.flags), "BLOCK": self.config.block_m}
+        elif self.kernel == "linear_gelu":
             pointers = {"h_ptr": t, "order_ptr": "*i64", "preact_ptr": t, "gelu_ptr": t,
                         "w1_a": t, "b1_a": t, "w1_b": t, "b1_b": t}
             scalars = {"D": "i32", "tiles_0": "i32", "size_0": "i32", "size_1": "i32", "first_1": "i32"}
@@ -143,7 +148,8 @@ class GemmVariant:
             pointers = {"gelu_ptr": t, "h_ptr": t, "order_ptr": "*i64", "stats_ptr": t,
                         "out_ptr": fwd_only or t, "kl_partials_ptr": fwd_only or "*fp32",
                         "grad_out_ptr": bwd_only or t, "grad_kl_ptr": bwd_only or "*fp32",
-                        "grad_stats_ptr": bwd_only or t, "prior_partials_ptr": bwd_only or "*fp32",
+                        "grad_stats_ptr": bwd_only or t, "grad_rows_ptr": bwd_only or t,
+                        "prior_partials_ptr": bwd_only or "*fp32",
                         "w2_a": t, "b2_a": t, "w2_b": t, "b2_b": t,
                         "mu_a": "*fp32", "lv_a": "*fp32", "mu_b": "*fp32", "lv_b": "*fp32"}
             pointers.update(alpha_ptr="constexpr", seed_ptr="constexpr", offsets_ptr="constexpr")  # Python scalars
@@ -151,27 +157,30 @@ class GemmVariant:
                        "size_1": "i32", "first_1": "i32", "n_tiles": "i32", "alpha": "fp32", "seed": "i64",
                        "offset_0": "i64", "offset_1": "i64", "group_0": "i32", "group_1": "i32",
                        "clamp_lo": "fp32", "clamp_hi": "fp32", "kl_logvar_coef": "fp32"}
-        flags = {**dict(self.flags), "DOT_FP32": False, "BLOCK_M": self.config.block_m,
-                 "BLOCK_N": self.config.block_n, "BLOCK_K": self.config.block_k}
+        if self.kernel != "gelu_bwd":
+            flags = {**dict(self.flags), "DOT_FP32": False, "BLOCK_M": self.config.block_m,
+                     "BLOCK_N": self.config.block_n, "BLOCK_K": self.config.block_k}
         types = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
         signature = {name: types[name] for name in self.fn.arg_names}  # the kernel's argument order
         constexprs = {**{name: None for name, ty in pointers.items() if ty == "constexpr"}, **flags}
-        aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + ["D"]
+        size = "numel" if self.kernel == "gelu_bwd" else "D"  # a multiple of 16, as for Llama widths
+        aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + [size]
         attrs = {(self.fn.arg_names.index(name),): ALIGNED for name in aligned}
         return ASTSource(fn=self.fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
 def gemm_variants(full: bool) -> list[GemmVariant]:
     """Subset (the launches training makes): bf16 on sm_80 and sm_90 with the row gather, sampling and a
-    learnable prior: GEMM1, the forward tail saving stats or not (recompute), the backward tail reading
-    saved stats or recomputing them; plus fp16 on sm_90. Full: every flag combination, bf16 and fp16."""
-    names = {"linear_gelu": ("HAS_ORDER",),
+    learnable prior: GEMM1, GELU's backward pass, the forward tail saving stats or not (recompute), the
+    backward tail reading saved stats or recomputing them; plus fp16 on sm_90. Full: every flag combination, bf16 and fp16."""
+    names = {"linear_gelu": ("HAS_ORDER",), "gelu_bwd": ("STORE_GELU",),
              "tail_fwd": ("HAS_ORDER", "STATS_OUT", "SAMPLE", "ANY_PRIOR", "ALIGNED4"),
              "tail_bwd": ("HAS_ORDER", "STATS_IN", "SAMPLE", "ANY_PRIOR", "ALIGNED4")}
     fixed = {"tail_fwd": {"BACKWARD": False, "STATS_IN": False}, "tail_bwd": {"BACKWARD": True, "STATS_OUT": False}}
 
     def variant(kernel, cc, dtype, values):
-        config = bottleneck.GPU_CONFIGS["linear_gelu" if kernel == "linear_gelu" else "linear_tail"]
+        config = bottleneck.GPU_CONFIGS[{"linear_gelu": "linear_gelu", "gelu_bwd": "gelu_backward"}.get(kernel,
+                                                                                                     "linear_tail")]
         return GemmVariant(kernel, cc, dtype, tuple({**fixed.get(kernel, {}), **values}.items()), config)
 
     if full:
@@ -179,7 +188,8 @@ def gemm_variants(full: bool) -> list[GemmVariant]:
                 for kernel, flag_names in names.items() for cc in (80, 90) for dtype in ("bf16", "fp16")
                 for values in itertools.product((True, False), repeat=len(flag_names))]
     training = {kernel: dict.fromkeys(flag_names, True) for kernel, flag_names in names.items()}
-    shapes = [("linear_gelu", training["linear_gelu"]), ("tail_fwd", training["tail_fwd"]),
+    shapes = [("linear_gelu", training["linear_gelu"]), ("gelu_bwd", training["gelu_bwd"]),
+              ("tail_fwd", training["tail_fwd"]),
               ("tail_fwd", training["tail_fwd"] | {"STATS_OUT": False}), ("tail_bwd", training["tail_bwd"]),
               ("tail_bwd", training["tail_bwd"] | {"STATS_IN": False})]
     chosen = [variant(kernel, cc, "bf16", values) for cc in (80, 90) for kernel, values in shapes]

@@ -153,7 +153,7 @@ def _linear_gelu_kernel(
 @triton.jit(do_not_specialize=["seed", "offset_0", "offset_1"])
 def _linear_tail_kernel(
     gelu_ptr, h_ptr, order_ptr, stats_ptr, out_ptr, kl_partials_ptr,
-    grad_out_ptr, grad_kl_ptr, grad_stats_ptr, prior_partials_ptr,
+    grad_out_ptr, grad_kl_ptr, grad_stats_ptr, grad_rows_ptr, prior_partials_ptr,
     w2_a, b2_a, w2_b, b2_b, mu_a, lv_a, mu_b, lv_b, learn_a, learn_b,
     D, tiles_0, size_0, size_1, first_1, n_tiles,
     alpha: tl.float32, seed: tl.int64, offset_0: tl.int64, offset_1: tl.int64,
@@ -230,12 +230,31 @@ def _linear_tail_kernel(
         ty = grad_stats_ptr.dtype.element_ty
         tl.store(grad_stats_ptr + stats_offsets, (alpha * g + kl_grad_mu).to(ty), mask=mask)
         tl.store(grad_stats_ptr + stats_offsets + D, grad_logvar.to(ty), mask=mask)
+        # dh's residual term (1 - alpha) dz, in the group's row order: the dgrad GEMM adds dA W1 to it
+        residual = ((1.0 - alpha) * g).to(grad_rows_ptr.dtype.element_ty)
+        tl.store(grad_rows_ptr + positions[:, None] * D + cols[None, :], residual, mask=mask)
         if ANY_PRIOR:  # [2, row tiles, D] partials, reduced per group in a fixed order
             partial = prior_partials_ptr + pid_m.to(tl.int64) * D + cols
             tl.store(partial, tl.sum(tl.where(mask, -kl_grad_mu, 0.0), axis=0), mask=col_mask)
             grad_logvar_p = w * 0.5 * (kl_logvar_coef - (var + diff * diff) * inv_var_p)
             tl.store(partial + tl.num_programs(0).to(tl.int64) * D, tl.sum(tl.where(mask, grad_logvar_p, 0.0), axis=0),
                      mask=col_mask)
+
+
+@triton.jit
+def _gelu_backward_kernel(preact_ptr, grad_ptr, gelu_ptr, numel, STORE_GELU: tl.constexpr, BLOCK: tl.constexpr):
+    """In place ``grad = grad * GELU'(preact)`` (dG -> dA) and, with ``STORE_GELU``, ``gelu = GELU(preact)``
+    (the B operand of dW2) from one erf: one pass over ``preact`` instead of a GELU recompute plus
+    ``aten.gelu_backward``. Same formula as ATen's: ``dy * (cdf + x * pdf)``."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(preact_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    dy = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_ptr + offs, (dy * (cdf + x * pdf)).to(grad_ptr.dtype.element_ty), mask=mask)
+    if STORE_GELU:
+        tl.store(gelu_ptr + offs, (x * cdf).to(gelu_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +275,9 @@ class GemmConfig:
 # vib_bottleneck --full), zero spills. The tail kernel states maxnreg=255 (the hardware limit): left
 # to itself, ptxas gave the sm_80 fixed-prior sampling backward 80 registers and 32 B of spills
 # (with 255 stated: 89, no spill); a cap of 128 made 64 forward variants, which use up to ~230, spill.
-GPU_CONFIGS = {"linear_gelu": GemmConfig(128, 128, 64, 8, 3), "linear_tail": GemmConfig(64, 64, 64, 8, 3, 255)}
+GPU_CONFIGS = {"linear_gelu": GemmConfig(128, 128, 64, 8, 3), "linear_tail": GemmConfig(64, 64, 64, 8, 3, 255),
+               # elementwise: block_m elements per program (block_n / block_k unused)
+               "gelu_backward": GemmConfig(1024, 1, 1, 4, 1)}
 
 
 def gemm_config(kernel: str, m_max: int, d: int) -> GemmConfig:
@@ -363,7 +384,7 @@ def forward(h, order, group_sizes, w1s, b1s, w2s, b2s, alpha, seed, offsets, pri
                 launch, gemm2,
                 (gelu[rows], h if order is not None else h[rows], order_arg[rows] if order is not None else order_arg,
                  stats[rows] if not recompute else gelu, out if order is not None else out[rows], kl_partials[rows],
-                 None, None, None, None),
+                 None, None, None, None, None),
                 w2s, b2s, offsets, prior_mus, prior_logvars, d,
                 alpha=alpha, seed=seed, clamp_lo=clamp_lo, clamp_hi=clamp_hi, kl_logvar_coef=kl_logvar_coef,
                 HAS_ORDER=order is not None, BACKWARD=False, STATS_IN=False, STATS_OUT=not recompute, SAMPLE=sample,
@@ -375,8 +396,10 @@ def backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha
              prior_logvars, clamp_lo, clamp_hi, kl_logvar_coef, sample, recompute, preact, stats):
     """``(grad_h, grad_w1s, grad_b1s, grad_w2s, grad_b2s, grad_prior_mus, grad_prior_logvars)``."""
     m, d = sum(group_sizes), h.shape[1]
-    gelu = F.gelu(preact)
+    # GELU's output feeds dW2; recomputing stats needs it first, otherwise the GELU-backward pass makes it
+    gelu = F.gelu(preact) if recompute else torch.empty_like(preact)
     grad_stats = torch.empty(m, 2 * d, dtype=h.dtype, device=h.device)
+    grad_rows = torch.empty(m, d, dtype=grad_out.dtype, device=h.device)  # (1 - alpha) dz, then + dA W1
     config = gemm_config("linear_tail", max(group_sizes, default=0), d)
     grad_mus = [torch.empty_like(p) for p in prior_mus]
     grad_logvars = [torch.empty_like(p) for p in prior_logvars]
@@ -390,7 +413,8 @@ def backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha
                     launch, config,
                     (gelu[rows], h, order_arg[rows] if order is not None else order_arg,
                      gelu if recompute else stats[rows], None, None,
-                     grad_out if order is not None else grad_out[rows], grad_kl[rows], grad_stats[rows], partials),
+                     grad_out if order is not None else grad_out[rows], grad_kl[rows], grad_stats[rows],
+                     grad_rows[rows], partials),
                     w2s, b2s, offsets, prior_mus, prior_logvars, d,
                     alpha=alpha, seed=seed, clamp_lo=clamp_lo, clamp_hi=clamp_hi, kl_logvar_coef=kl_logvar_coef,
                     HAS_ORDER=order is not None, BACKWARD=True, STATS_IN=not recompute, STATS_OUT=False,
@@ -401,34 +425,40 @@ def backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha
                 if prior_mus[g].numel():  # fixed-order sums over the group's row tiles
                     grad_mus[g] = partials[0, tile_ranges[slot]].sum(dim=0)
                     grad_logvars[g] = partials[1, tile_ranges[slot]].sum(dim=0)
-    return (_input_grads(grad_out, grad_stats, h, order, group_sizes, w1s, w2s, alpha, preact, gelu)
-            + (grad_mus, grad_logvars))
+        return (_input_grads(grad_out, grad_rows, grad_stats, h, order, group_sizes, w1s, w2s, preact, gelu,
+                             not recompute)
+                + (grad_mus, grad_logvars))
 
 
-def _input_grads(grad_out, grad_stats, h, order, group_sizes, w1s, w2s, alpha, preact, gelu):
-    """Per group, from dstats: dW2, db2, GELU's backward, dW1, db1 and ``dh = (1 - alpha) dz + dA W1``
-    written to the group's rows (cuBLAS GEMMs on a GPU)."""
-    grad_h = _output_like(grad_out, order, sum(group_sizes))
+def _gelu_backward_(grad, preact, gelu, store_gelu):
+    """``grad *= GELU'(preact)`` in place; with ``store_gelu`` also ``gelu = GELU(preact)``."""
+    if not grad.numel():
+        return
+    config = GPU_CONFIGS["gelu_backward"]
+    block = triton.next_power_of_2(grad.numel()) if interpreting() else config.block_m  # interpreter: one program
+    _gelu_backward_kernel[(triton.cdiv(grad.numel(), block),)](preact, grad, gelu, grad.numel(), STORE_GELU=store_gelu,
+                                                                BLOCK=block, num_warps=config.num_warps)
+
+
+def _input_grads(grad_out, grad_rows, grad_stats, h, order, group_sizes, w1s, w2s, preact, gelu, store_gelu):
+    """Per group, from dstats: dW2, db2, GELU's backward (one pass), dW1, db1 and
+    ``dh = (1 - alpha) dz + dA W1`` (the tail kernel wrote the first term to ``grad_rows``) written to
+    the group's rows (cuBLAS GEMMs on a GPU)."""
     grads = {name: [] for name in ("w1", "b1", "w2", "b2")}
-    alpha, _, _, alpha_t, _, _ = _scalar_launch_args(alpha, 0, 0)  # float32 alpha, as the kernels use it
-    alpha = alpha_t if alpha_t is not None else torch.tensor(alpha, dtype=torch.float32)
-    one_minus_alpha = 1.0 - alpha
     first = 0
     for g, size in enumerate(group_sizes):
         part = slice(first, first + size)
-        rows = order[part] if order is not None else None
-        take = (lambda x: x[part]) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
         grad_part = grad_stats[part]
-        grad_preact = torch.ops.aten.gelu_backward(grad_part @ w2s[g], preact[part])
+        grad_preact = grad_part @ w2s[g]  # dG; dA in place below
+        _gelu_backward_(grad_preact, preact[part], gelu[part], store_gelu)
         grads["w2"].append(grad_part.t() @ gelu[part])
         grads["b2"].append(grad_part.sum(0, dtype=torch.float32).to(grad_part.dtype))
-        grads["w1"].append(grad_preact.t() @ take(h))
+        grads["w1"].append(grad_preact.t() @ (h[part] if order is None else h.index_select(0, order[part])))
         grads["b1"].append(grad_preact.sum(0, dtype=torch.float32).to(grad_preact.dtype))
-        # (1 - alpha) dz in fp32 rounded to the dtype (as the tail kernel's grad_h), then + dA W1
-        grad_rows = (take(grad_out).float() * one_minus_alpha).to(grad_out.dtype).addmm_(grad_preact, w1s[g])
-        if rows is None:
-            grad_h[part] = grad_rows
-        else:
-            grad_h.index_copy_(0, rows, grad_rows)
+        grad_rows[part].addmm_(grad_preact, w1s[g])
         first += size
+    if order is None:  # every row, in order
+        grad_h = grad_rows
+    else:  # rows not in order pass their gradient through
+        grad_h = _output_like(grad_out, order, sum(group_sizes)).index_copy_(0, order, grad_rows)
     return (grad_h, grads["w1"], grads["b1"], grads["w2"], grads["b2"])
