@@ -12,10 +12,12 @@ tile picks its group (tiles ``[0, tiles_0)`` are group 0's), and with it the gro
   log-variance tile (rows ``j + D``) as two accumulators. Forward epilogue: biases, (optionally) store
   ``stats``, clamp, noise, sample, interpolate with ``h``, scatter ``z_hat`` to the rows, write per-token
   KL partials per column tile (summed in a fixed order afterwards: no atomics). Backward epilogue
-  (same kernel, ``BACKWARD``): recompute or load ``stats``, write ``dstats`` and per-tile prior partials.
-  ``stats`` is never written in the forward unless it is saved for backward.
-* Backward GEMMs (dgrad / wgrad) go through ``torch.matmul`` (cuBLAS), GELU's backward is one
-  elementwise pass, ``dh = (1 - alpha) dz + dA W1`` is written to the group's rows.
+  (same kernel, ``BACKWARD``): recompute or load ``stats``, write ``dstats``, dh's residual
+  ``(1 - alpha) dz`` in the group's row order and per-tile prior partials. ``stats`` is never written
+  in the forward unless it is saved for backward.
+* ``_gelu_backward_kernel``: dG -> dA in place and GELU(A) for dW2, from one erf.
+* Backward GEMMs (dgrad / wgrad) go through ``torch.matmul`` (cuBLAS); ``dh = (1 - alpha) dz + dA W1``
+  is an ``addmm_`` onto the residual, then written to the group's rows.
 
 Noise: row ``r`` of a group, column ``j``, takes lane ``k % 4`` of ``randn4x(seed, offset_g + k // 4)``
 with ``k = r * D + j`` — the ``vib_sample_kl`` contract on the group's rows. When ``D % 4 == 0`` a tile's
