@@ -105,22 +105,28 @@ def _recorded_non_gemm(name: str, n: int, d: int, dtype: torch.dtype) -> tuple[i
     return counter.cost.bytes + tail.bytes, counter.cost.launches + tail.launches
 
 
-def _fused_kernels(n: int, d: int, dtype: torch.dtype) -> list[tuple[str, int, int]]:
-    """(kernel, FLOPs, bytes) of every launch of the Triton path (ops/triton/vib_bottleneck.py), one
-    group, saved ``stats`` (the default). Bytes: everything the kernel reads or writes."""
+def fused_kernels(n: int, d: int, dtype: torch.dtype, recompute: bool = False) -> list[tuple[str, int, int]]:
+    """(kernel, FLOPs, bytes) of every launch of the Triton path (ops/triton/vib_bottleneck.py) for
+    one group of ``n`` rows, forward + backward; ``stats`` saved (the default) or recomputed. Bytes:
+    everything the kernel reads or writes. benchmarks/predict.py counts its (d)/(d') rows from this."""
     e = torch.empty((), dtype=dtype).element_size()
     nd, dd = n * d * e, d * d * e
     kl_partials = 4 * n * (d // 64)  # fp32, one per 64-wide column tile
+    stats_io = 0 if recompute else 2 * nd
+    # backward tail: grad_out, grad_kl -> dstats, (1 - alpha) dz; stats read, or recomputed by GEMM2
+    tail = [("GELU recompute", 0, 2 * nd),
+            ("gemm2 recompute + tail backward", 2 * n * d * 2 * d, nd + 2 * dd + nd + 4 * n + 2 * nd + nd)] \
+        if recompute else [("tail backward", 0, 2 * nd + nd + 4 * n + 2 * nd + nd)]
     return [
         # forward: GEMM1 (gathered h, W1 -> preact, GELU), GEMM2 + tail (GELU, W2, h -> z_hat, stats, KL)
         ("gemm1 + bias + GELU", 2 * n * d * d, nd + dd + 2 * nd),
-        ("gemm2 + sample/KL", 2 * n * d * 2 * d, nd + 2 * dd + nd + nd + 2 * nd + kl_partials),
+        ("gemm2 + sample/KL", 2 * n * d * 2 * d, nd + 2 * dd + nd + nd + stats_io + kl_partials),
         ("KL partial sum", 0, kl_partials + 4 * n),
-        # backward: tail (stats, grad_out, grad_kl -> dstats, (1 - alpha) dz), dG, GELU pass, wgrads,
+        # backward: tail, dG, GELU pass (dA in place; GELU(A) too unless recomputed above), wgrads,
         # bias sums, dh = (1 - alpha) dz + dA W1 (addmm_: reads and writes its C)
-        ("tail backward", 0, 2 * nd + nd + 4 * n + 2 * nd + nd),
+        *tail,
         ("dG = dstats W2", 2 * n * 2 * d * d, 2 * nd + 2 * dd + nd),
-        ("GELU backward + GELU", 0, 4 * nd),
+        ("GELU backward" + ("" if recompute else " + GELU"), 0, (3 if recompute else 4) * nd),
         ("dW2 = dstats^T G", 2 * 2 * d * n * d, 2 * nd + nd + 2 * dd),
         ("db2", 0, 2 * nd),
         ("dW1 = dA^T h", 2 * d * n * d, 2 * nd + dd),
@@ -141,7 +147,7 @@ def predicted(name: str, n: int, d: int, dtype: torch.dtype) -> dict:
     if name == "bound":
         nongemm, launches, time_us = 5 * n * d * e, None, floor_us + 5 * n * d * e / H100_BYTES_PER_S * 1e6
     elif name == "fused":
-        kernels = _fused_kernels(n, d, dtype)
+        kernels = fused_kernels(n, d, dtype)
         nongemm = sum(nbytes for _, flops, nbytes in kernels if not flops)
         launches, time_us = len(kernels), sum(_roofline_us(flops, nbytes, dtype) for _, flops, nbytes in kernels)
     else:  # recorded ops: GEMMs compute-bound (module doc), the rest memory-bound

@@ -14,17 +14,19 @@ one GPU: 16 sequences x 900 tokens):
                      indexing and ``kl > 10000`` checks (host syncs)
   (b) device noise   (a) with the noise drawn on the device (torch.randn(device=...)): no host noise,
                      no copy; everything else as (a)
-  (c) fused tail     vittle_fast today: VittleBottleneck.forward_both (row permutation, eager MLPs) with
-                     the fused sample + KL op (2 launches, its I/O contract), no host sync
-  (d) fused          the whole bottleneck as GEMMs with fused epilogues (vib_bottleneck's design,
-       bottleneck    issue 9): GEMM1 + GELU, GEMM2 + sample/KL tail; stats never written in forward
-                     (recomputed by one GEMM in backward); modelled from the design, not counted
+  (c) fused tail     VittleBottleneck.forward_both with ``fused_mlp=False`` (row permutation, eager
+                     MLPs) and the fused sample + KL op (2 launches, its I/O contract), no host sync
+  (d) fused          ``vib_bottleneck``'s Triton path (the default, ``fused_mlp=True``): GEMM1 + GELU,
+       bottleneck    GEMM2 + sample/KL tail, the backward's tail, GELU pass and cuBLAS GEMMs, counted
+                     launch by launch (benchmarks/bottleneck_providers.fused_kernels); (d) recomputes
+                     stats in backward (``recompute=True``), (d') saves them (the default)
 
 (a)-(c) are counted, not estimated by hand: the code runs on meta tensors under a TorchDispatchMode
 that records every kernel an eager GPU run would launch (bytes read + written, GEMM FLOPs), forward
-and autograd backward. Each kernel's time is its roofline, max(FLOPs / (peak x GEMM efficiency),
-bytes / (HBM x memory efficiency), a per-kernel floor); a host sync adds a fixed drain + relaunch
-gap; the host noise adds its measured time; the pageable copy, bytes / (PCIe x pageable fraction).
+and autograd backward; (d)/(d') take the Triton path's launch list. Each kernel's time is its
+roofline, max(FLOPs / (peak x GEMM efficiency), bytes / (HBM x memory efficiency), a per-kernel
+floor); a host sync adds a fixed drain + relaunch gap; the host noise adds its measured time; the
+pageable copy, bytes / (PCIe x pageable fraction).
 
     python -m benchmarks.predict [--out benchmarks/results/predict] [--reps 3]
 """
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.bottleneck_providers import fused_kernels
 from benchmarks.gpu_model import _NO_KERNEL_OPS, _SHAPE_ONLY_OPS, _is_view, _tensor_bytes, fused_cost
 from benchmarks.results_io import command_line, write_results
 from benchmarks.step_overhead import Host, released_bottleneck, released_kl
@@ -234,14 +237,16 @@ class _FusedTailStub(torch.autograd.Function):
 
 
 def fused_tail_trace(model: Model) -> Trace:
-    """(c): VittleBottleneck.forward_both as the trainer calls it, with the fused op's 2 kernels."""
+    """(c): VittleBottleneck.forward_both with ``fused_mlp=False`` (eager MLPs), the fused tail op
+    counted as its 2 kernels."""
     from vittle_fast.nn import VittleConfig
     from vittle_fast.nn.bottleneck import VittleBottleneck
 
     trace = Trace()
     rows, visual = SEQUENCES * SEQ_LEN, SEQUENCES * IMAGE_TOKENS
     with torch.device("meta"):
-        bottleneck = VittleBottleneck(model.d, VittleConfig(layer_v=model.layer, layer_t=model.layer))
+        config = VittleConfig(layer_v=model.layer, layer_t=model.layer, fused_mlp=False)
+        bottleneck = VittleBottleneck(model.d, config)
     bottleneck = bottleneck.to(torch.bfloat16)
     h = torch.empty(rows, model.d, device="meta", dtype=torch.bfloat16, requires_grad=True)
     order = torch.empty(rows, dtype=torch.long, device="meta")
@@ -260,31 +265,13 @@ def fused_tail_trace(model: Model) -> Trace:
 
 
 def fused_bottleneck_trace(model: Model, recompute: bool) -> Trace:
-    """(d): the vib_bottleneck design, per modality (M rows, D = d, element e = 2 bytes):
-    forward  GEMM1 [M,D]x[D,D] + bias + GELU epilogue: reads h, W1; writes the pre-activation (saved)
-             GEMM2 [M,D]x[D,2D] + bias + tail epilogue: reads GELU(pre-act), W2, h; writes z_hat, kl
-             (and stats [M,2D] for backward unless ``recompute``)
-    backward recompute: GEMM2 again + tail-backward epilogue (reads pre-act, W2, grad_z; writes
-             grad_stats [M,2D] and (1 - alpha) grad_z into grad_h); else one elementwise tail-backward
-             kernel (reads grad_z, stats; writes grad_stats, grad_h)
-             dgrad2 [M,2D]x[2D,D] + GELU-backward epilogue: reads grad_stats, W2, pre-act; writes grad_pre
-             wgrad2 [2D,M]x[M,D]: reads grad_stats, GELU(pre-act); writes dW2 (+ db2)
-             dgrad1 [M,D]x[D,D]: reads grad_pre, W1, grad_h; writes grad_h (accumulated)
-             wgrad1 [D,M]x[M,D]: reads grad_pre, h; writes dW1 (+ db1)"""
-    trace, e, d = Trace(), 2, model.d
+    """(d)/(d'): ``vib_bottleneck``'s Triton path, per modality, its launches as
+    benchmarks/bottleneck_providers.fused_kernels lists them (bf16; ``stats`` recomputed in backward
+    or saved)."""
+    trace = Trace()
     for m in (SEQUENCES * IMAGE_TOKENS, SEQUENCES * (SEQ_LEN - IMAGE_TOKENS)):
-        md, w1, w2 = m * d * e, d * d * e, 2 * d * d * e
-        stats_out = 0 if recompute else 2 * md
-        trace.kernels += [
-            Kernel("gemm1+gelu", md + w1 + md, 2 * m * d * d),
-            Kernel("gemm2+tail", md + w2 + md + md + 4 * m + stats_out, 4 * m * d * d),
-            Kernel("gemm2 recompute+tail bwd", md + w2 + md + 4 * m + 2 * md + md, 4 * m * d * d) if recompute
-            else Kernel("tail bwd", md + 2 * md + 4 * m + 2 * md + md),
-            Kernel("dgrad2+gelu bwd", 2 * md + w2 + md + md, 4 * m * d * d),
-            Kernel("wgrad2", 2 * md + md + w2, 4 * m * d * d),
-            Kernel("dgrad1", md + w1 + 2 * md, 2 * m * d * d),
-            Kernel("wgrad1", md + md + w1, 2 * m * d * d),
-        ]
+        trace.kernels += [Kernel(name, nbytes, flops)
+                          for name, flops, nbytes in fused_kernels(m, model.d, torch.bfloat16, recompute)]
     return trace
 
 
@@ -364,9 +351,9 @@ def predict(trace: Trace, gpu: Gpu, host_noise_s: float, flop_floor: float) -> d
 VARIANTS = {
     "(a) released": lambda model: released_trace(model, device_noise=False),
     "(b) released, device noise": lambda model: released_trace(model, device_noise=True),
-    "(c) vittle_fast fused tail": fused_tail_trace,
-    "(d) fused bottleneck (design, stats recomputed)": lambda model: fused_bottleneck_trace(model, recompute=True),
-    "(d') fused bottleneck (design, stats saved)": lambda model: fused_bottleneck_trace(model, recompute=False),
+    "(c) fused tail (fused_mlp=False)": fused_tail_trace,
+    "(d) fused bottleneck (stats recomputed)": lambda model: fused_bottleneck_trace(model, recompute=True),
+    "(d') fused bottleneck (stats saved, default)": lambda model: fused_bottleneck_trace(model, recompute=False),
 }
 
 
@@ -464,8 +451,8 @@ def plot(result: dict, path: Path) -> None:
         row[0].set_ylabel("predicted ms per step (one GPU)")
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle("Vittle bottleneck per training step: where each predicted millisecond goes\n"
-                 "(a) released, (b) device noise, (c) vittle_fast fused tail, (d)/(d') fused bottleneck "
-                 "(stats recomputed / saved)", fontsize=9)
+                 "(a) released, (b) device noise, (c) fused tail, (d)/(d') fused bottleneck "
+                 "(stats recomputed / saved: vittle_fast's default)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

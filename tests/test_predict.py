@@ -40,8 +40,11 @@ def test_fused_variants_have_no_sync_and_the_expected_flops():
     tail = predict.fused_tail_trace(MODEL)
     assert tail.syncs == 0 and tail.h2d_bytes == 0
     assert sum(k.flops for k in tail.kernels) == 18 * MODEL.d**2 * TOKENS
-    # the fused op: one forward and one backward kernel per modality
+    # the fused op: one forward and one backward kernel per modality; the MLPs eager (fused_mlp=False):
+    # 2 GEMMs forward, 4 backward per modality, and no other path's kernels (a reference tail's Philox)
     assert sum(k.name.startswith("vib_sample_kl") for k in tail.kernels) == 4
+    assert sum(k.flops > 0 for k in tail.kernels) == 12
+    assert not {"bitwise_xor", "log", "cos"} & {k.name for k in tail.kernels}
     saved = predict.fused_bottleneck_trace(MODEL, recompute=False)
     recomputed = predict.fused_bottleneck_trace(MODEL, recompute=True)
     assert sum(k.flops for k in saved.kernels) == 18 * MODEL.d**2 * TOKENS
