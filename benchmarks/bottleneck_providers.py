@@ -113,24 +113,28 @@ def fused_kernels(n: int, d: int, dtype: torch.dtype, recompute: bool = False) -
     nd, dd = n * d * e, d * d * e
     kl_partials = 4 * n * (d // 64)  # fp32, one per 64-wide column tile
     stats_io = 0 if recompute else 2 * nd
-    # backward tail: grad_out, grad_kl -> dstats, (1 - alpha) dz; stats read, or recomputed by GEMM2
+    # fp32 column partials of the bias gradients, one row per row tile (64 rows: tail, 32: GELU pass)
+    db2_partials, db1_partials = 4 * 2 * d * -(-n // 64), 4 * d * -(-n // 32)
+    # backward tail: grad_out, grad_kl -> dstats, (1 - alpha) dz, db2 partials; stats read, or
+    # recomputed by GEMM2
+    tail_io = nd + 4 * n + 2 * nd + nd + db2_partials
     tail = [("GELU recompute", 0, 2 * nd),
-            ("gemm2 recompute + tail backward", 2 * n * d * 2 * d, nd + 2 * dd + nd + 4 * n + 2 * nd + nd)] \
-        if recompute else [("tail backward", 0, 2 * nd + nd + 4 * n + 2 * nd + nd)]
+            ("gemm2 recompute + tail backward", 2 * n * d * 2 * d, nd + 2 * dd + tail_io)] \
+        if recompute else [("tail backward", 0, 2 * nd + tail_io)]
     return [
         # forward: GEMM1 (gathered h, W1 -> preact, GELU), GEMM2 + tail (GELU, W2, h -> z_hat, stats, KL)
         ("gemm1 + bias + GELU", 2 * n * d * d, nd + dd + 2 * nd),
         ("gemm2 + sample/KL", 2 * n * d * 2 * d, nd + 2 * dd + nd + nd + stats_io + kl_partials),
         ("KL partial sum", 0, kl_partials + 4 * n),
-        # backward: tail, dG, GELU pass (dA in place; GELU(A) too unless recomputed above), wgrads,
-        # bias sums, dh = (1 - alpha) dz + dA W1 (addmm_: reads and writes its C)
+        # backward: tail, dG, GELU pass (dA in place, db1 partials; GELU(A) too unless recomputed
+        # above), wgrads, the partials' sums, dh = (1 - alpha) dz + dA W1 (addmm_: reads and writes its C)
         *tail,
+        ("db2 = sum of partials", 0, db2_partials + 2 * d * e),
         ("dG = dstats W2", 2 * n * 2 * d * d, 2 * nd + 2 * dd + nd),
-        ("GELU backward" + ("" if recompute else " + GELU"), 0, (3 if recompute else 4) * nd),
+        ("GELU backward" + ("" if recompute else " + GELU"), 0, (3 if recompute else 4) * nd + db1_partials),
+        ("db1 = sum of partials", 0, db1_partials + d * e),
         ("dW2 = dstats^T G", 2 * 2 * d * n * d, 2 * nd + nd + 2 * dd),
-        ("db2", 0, 2 * nd),
         ("dW1 = dA^T h", 2 * d * n * d, 2 * nd + dd),
-        ("db1", 0, nd),
         ("dh += dA W1", 2 * n * d * d, nd + dd + 2 * nd),
     ]
 

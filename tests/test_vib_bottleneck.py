@@ -189,20 +189,23 @@ def test_triton_odd_shapes(n, d, sizes):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton backend unavailable")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("numel", [1, 7, 1300])
-def test_triton_gelu_backward_pass_matches_aten(dtype, numel):
-    """The backward's one-pass GELU (dA = dG * GELU'(A) in place, GELU(A) beside it) against ATen's
-    ``gelu_backward`` and ``F.gelu`` (exact erf), ragged sizes; without STORE_GELU the buffer is untouched."""
+@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (7, 3), (130, 20)], ids=str)
+def test_triton_gelu_backward_pass_matches_aten(dtype, shape):
+    """The backward's one-pass GELU (dA = dG * GELU'(A) in place, db1 = column sums of dA, GELU(A)
+    beside it) against ATen's ``gelu_backward``, a sum and ``F.gelu`` (exact erf), ragged tiles; without
+    STORE_GELU the buffer is untouched."""
     from vittle_fast.ops.triton.vib_bottleneck import _gelu_backward_
 
-    g = torch.Generator().manual_seed(numel)
-    preact = (torch.randn(numel, generator=g) * 3).to(dtype)
-    grad = torch.randn(numel, generator=g).to(dtype)
+    g = torch.Generator().manual_seed(shape[0])
+    preact = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    grad = torch.randn(*shape, generator=g).to(dtype)
     expected_grad = torch.ops.aten.gelu_backward(grad.float(), preact.float()).to(dtype)
     for store in (True, False):
         out, gelu = grad.clone(), torch.full_like(preact, 7.0)
-        _gelu_backward_(out, preact, gelu, store)
+        bias_grad = _gelu_backward_(out, preact, gelu, store)
         torch.testing.assert_close(out, expected_grad, **TOL[str(dtype).removeprefix("torch.")])
+        assert bias_grad.dtype == dtype and bias_grad.shape == (shape[1],)
+        torch.testing.assert_close(bias_grad, out.float().sum(0).to(dtype), **TOL[str(dtype).removeprefix("torch.")])
         if store:
             torch.testing.assert_close(gelu, torch.nn.functional.gelu(preact.float()).to(dtype),
                                        **TOL[str(dtype).removeprefix("torch.")])

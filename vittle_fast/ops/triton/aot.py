@@ -134,9 +134,9 @@ class GemmVariant:
     def source(self) -> ASTSource:
         t = f"*{self.dtype}"
         if self.kernel == "gelu_bwd":
-            pointers = {"preact_ptr": t, "grad_ptr": t, "gelu_ptr": t}
-            scalars = {"numel": "i32"}
-            flags = {**dict(self.flags), "BLOCK": self.config.block_m}
+            pointers = {"preact_ptr": t, "grad_ptr": t, "gelu_ptr": t, "partials_ptr": "*fp32"}
+            scalars = {"M": "i32", "D": "i32"}
+            flags = {**dict(self.flags), "BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n}
         elif self.kernel == "linear_gelu":
             pointers = {"h_ptr": t, "order_ptr": "*i64", "preact_ptr": t, "gelu_ptr": t,
                         "w1_a": t, "b1_a": t, "w1_b": t, "b1_b": t}
@@ -149,7 +149,7 @@ class GemmVariant:
                         "out_ptr": fwd_only or t, "kl_partials_ptr": fwd_only or "*fp32",
                         "grad_out_ptr": bwd_only or t, "grad_kl_ptr": bwd_only or "*fp32",
                         "grad_stats_ptr": bwd_only or t, "grad_rows_ptr": bwd_only or t,
-                        "prior_partials_ptr": bwd_only or "*fp32",
+                        "grad_partials_ptr": bwd_only or "*fp32",
                         "w2_a": t, "b2_a": t, "w2_b": t, "b2_b": t,
                         "mu_a": "*fp32", "lv_a": "*fp32", "mu_b": "*fp32", "lv_b": "*fp32"}
             pointers.update(alpha_ptr="constexpr", seed_ptr="constexpr", offsets_ptr="constexpr")  # Python scalars
@@ -163,8 +163,7 @@ class GemmVariant:
         types = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
         signature = {name: types[name] for name in self.fn.arg_names}  # the kernel's argument order
         constexprs = {**{name: None for name, ty in pointers.items() if ty == "constexpr"}, **flags}
-        size = "numel" if self.kernel == "gelu_bwd" else "D"  # a multiple of 16, as for Llama widths
-        aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + [size]
+        aligned = [name for name, ty in pointers.items() if ty != "constexpr"] + ["D"]  # D % 16 == 0: Llama widths
         attrs = {(self.fn.arg_names.index(name),): ALIGNED for name in aligned}
         return ASTSource(fn=self.fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
@@ -172,7 +171,8 @@ class GemmVariant:
 def gemm_variants(full: bool) -> list[GemmVariant]:
     """Subset (the launches training makes): bf16 on sm_80 and sm_90 with the row gather, sampling and a
     learnable prior: GEMM1, GELU's backward pass, the forward tail saving stats or not (recompute), the
-    backward tail reading saved stats or recomputing them; plus fp16 on sm_90. Full: every flag combination, bf16 and fp16."""
+    backward tail reading saved stats or recomputing them; plus fp16 on sm_90. Full: every flag
+    combination, bf16 and fp16."""
     names = {"linear_gelu": ("HAS_ORDER",), "gelu_bwd": ("STORE_GELU",),
              "tail_fwd": ("HAS_ORDER", "STATS_OUT", "SAMPLE", "ANY_PRIOR", "ALIGNED4"),
              "tail_bwd": ("HAS_ORDER", "STATS_IN", "SAMPLE", "ANY_PRIOR", "ALIGNED4")}

@@ -13,9 +13,10 @@ tile picks its group (tiles ``[0, tiles_0)`` are group 0's), and with it the gro
   ``stats``, clamp, noise, sample, interpolate with ``h``, scatter ``z_hat`` to the rows, write per-token
   KL partials per column tile (summed in a fixed order afterwards: no atomics). Backward epilogue
   (same kernel, ``BACKWARD``): recompute or load ``stats``, write ``dstats``, dh's residual
-  ``(1 - alpha) dz`` in the group's row order and per-tile prior partials. ``stats`` is never written
-  in the forward unless it is saved for backward.
-* ``_gelu_backward_kernel``: dG -> dA in place and GELU(A) for dW2, from one erf.
+  ``(1 - alpha) dz`` in the group's row order and per-tile column partials of db2 and the prior
+  gradients. ``stats`` is never written in the forward unless it is saved for backward.
+* ``_gelu_backward_kernel``: dG -> dA in place, db1's per-tile column partials and GELU(A) for dW2,
+  from one erf.
 * Backward GEMMs (dgrad / wgrad) go through ``torch.matmul`` (cuBLAS); ``dh = (1 - alpha) dz + dA W1``
   is an ``addmm_`` onto the residual, then written to the group's rows.
 
@@ -155,7 +156,7 @@ def _linear_gelu_kernel(
 @triton.jit(do_not_specialize=["seed", "offset_0", "offset_1"])
 def _linear_tail_kernel(
     gelu_ptr, h_ptr, order_ptr, stats_ptr, out_ptr, kl_partials_ptr,
-    grad_out_ptr, grad_kl_ptr, grad_stats_ptr, grad_rows_ptr, prior_partials_ptr,
+    grad_out_ptr, grad_kl_ptr, grad_stats_ptr, grad_rows_ptr, grad_partials_ptr,
     w2_a, b2_a, w2_b, b2_b, mu_a, lv_a, mu_b, lv_b, learn_a, learn_b,
     D, tiles_0, size_0, size_1, first_1, n_tiles,
     alpha: tl.float32, seed: tl.int64, offset_0: tl.int64, offset_1: tl.int64,
@@ -230,31 +231,44 @@ def _linear_tail_kernel(
         if SAMPLE:
             grad_logvar += alpha * g * eps * (0.5 * std)
         ty = grad_stats_ptr.dtype.element_ty
-        tl.store(grad_stats_ptr + stats_offsets, (alpha * g + kl_grad_mu).to(ty), mask=mask)
-        tl.store(grad_stats_ptr + stats_offsets + D, grad_logvar.to(ty), mask=mask)
+        grad_mu = (alpha * g + kl_grad_mu).to(ty)
+        grad_logvar = grad_logvar.to(ty)
+        tl.store(grad_stats_ptr + stats_offsets, grad_mu, mask=mask)
+        tl.store(grad_stats_ptr + stats_offsets + D, grad_logvar, mask=mask)
         # dh's residual term (1 - alpha) dz, in the group's row order: the dgrad GEMM adds dA W1 to it
         residual = ((1.0 - alpha) * g).to(grad_rows_ptr.dtype.element_ty)
         tl.store(grad_rows_ptr + positions[:, None] * D + cols[None, :], residual, mask=mask)
-        if ANY_PRIOR:  # [2, row tiles, D] partials, reduced per group in a fixed order
-            partial = prior_partials_ptr + pid_m.to(tl.int64) * D + cols
+        # [4, row tiles, D] column partials, reduced per group in a fixed order: db2's two halves (of
+        # dstats as stored) and, with a learnable prior, the prior gradients
+        partial = grad_partials_ptr + pid_m.to(tl.int64) * D + cols
+        slot = tl.num_programs(0).to(tl.int64) * D
+        tl.store(partial + 2 * slot, tl.sum(tl.where(mask, grad_mu.to(tl.float32), 0.0), axis=0), mask=col_mask)
+        tl.store(partial + 3 * slot, tl.sum(tl.where(mask, grad_logvar.to(tl.float32), 0.0), axis=0), mask=col_mask)
+        if ANY_PRIOR:
             tl.store(partial, tl.sum(tl.where(mask, -kl_grad_mu, 0.0), axis=0), mask=col_mask)
             grad_logvar_p = w * 0.5 * (kl_logvar_coef - (var + diff * diff) * inv_var_p)
-            tl.store(partial + tl.num_programs(0).to(tl.int64) * D, tl.sum(tl.where(mask, grad_logvar_p, 0.0), axis=0),
-                     mask=col_mask)
+            tl.store(partial + slot, tl.sum(tl.where(mask, grad_logvar_p, 0.0), axis=0), mask=col_mask)
 
 
 @triton.jit
-def _gelu_backward_kernel(preact_ptr, grad_ptr, gelu_ptr, numel, STORE_GELU: tl.constexpr, BLOCK: tl.constexpr):
-    """In place ``grad = grad * GELU'(preact)`` (dG -> dA) and, with ``STORE_GELU``, ``gelu = GELU(preact)``
-    (the B operand of dW2) from one erf: one pass over ``preact`` instead of a GELU recompute plus
-    ``aten.gelu_backward``. Same formula as ATen's: ``dy * (cdf + x * pdf)``."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+def _gelu_backward_kernel(preact_ptr, grad_ptr, gelu_ptr, partials_ptr, M, D, STORE_GELU: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """On a [M, D] group: in place ``grad = grad * GELU'(preact)`` (dG -> dA), per row tile the column
+    sums of dA as stored (db1's partials, [row tiles, D] fp32) and, with ``STORE_GELU``,
+    ``gelu = GELU(preact)`` (the B operand of dW2) -- one erf, one pass over ``preact``, instead of a
+    GELU recompute, ``aten.gelu_backward`` and a bias sum. Same formula as ATen's: ``dy * (cdf + x * pdf)``."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]
     x = tl.load(preact_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
     pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
     dy = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, (dy * (cdf + x * pdf)).to(grad_ptr.dtype.element_ty), mask=mask)
+    grad = (dy * (cdf + x * pdf)).to(grad_ptr.dtype.element_ty)
+    tl.store(grad_ptr + offs, grad, mask=mask)
+    tl.store(partials_ptr + tl.program_id(0).to(tl.int64) * D + cols,
+             tl.sum(tl.where(mask, grad.to(tl.float32), 0.0), axis=0), mask=cols < D)
     if STORE_GELU:
         tl.store(gelu_ptr + offs, (x * cdf).to(gelu_ptr.dtype.element_ty), mask=mask)
 
@@ -278,8 +292,8 @@ class GemmConfig:
 # to itself, ptxas gave the sm_80 fixed-prior sampling backward 80 registers and 32 B of spills
 # (with 255 stated: 89, no spill); a cap of 128 made 64 forward variants, which use up to ~230, spill.
 GPU_CONFIGS = {"linear_gelu": GemmConfig(128, 128, 64, 8, 3), "linear_tail": GemmConfig(64, 64, 64, 8, 3, 255),
-               # elementwise: block_m elements per program (block_n / block_k unused)
-               "gelu_backward": GemmConfig(1024, 1, 1, 4, 1)}
+               # elementwise on [rows, D] tiles (block_k unused); 8 warps: 64-76 registers (4 warps: ~125)
+               "gelu_backward": GemmConfig(32, 128, 1, 8, 1)}
 
 
 def gemm_config(kernel: str, m_max: int, d: int) -> GemmConfig:
@@ -405,11 +419,12 @@ def backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha
     config = gemm_config("linear_tail", max(group_sizes, default=0), d)
     grad_mus = [torch.empty_like(p) for p in prior_mus]
     grad_logvars = [torch.empty_like(p) for p in prior_logvars]
+    grad_b2s = [torch.zeros(2 * d, dtype=h.dtype, device=h.device) for _ in group_sizes]  # an empty group: 0
     order_arg = order if order is not None else h
     with _on_device(h):
         for launch in _launches(group_sizes, config.block_m):
             rows = slice(launch.first, launch.first + sum(launch.sizes))
-            partials = torch.zeros(2, sum(launch.tiles), d, dtype=torch.float32, device=h.device)
+            partials = torch.zeros(4, sum(launch.tiles), d, dtype=torch.float32, device=h.device)
             if sum(launch.sizes):
                 _tail_launch(
                     launch, config,
@@ -423,44 +438,48 @@ def backward(grad_out, grad_kl, h, order, group_sizes, w1s, b1s, w2s, b2s, alpha
                     SAMPLE=sample,
                 )
             tile_ranges = (slice(0, launch.tiles[0]), slice(launch.tiles[0], sum(launch.tiles)))
-            for slot, g in enumerate(launch.groups):
-                if prior_mus[g].numel():  # fixed-order sums over the group's row tiles
+            for slot, g in enumerate(launch.groups):  # fixed-order sums over the group's row tiles
+                if launch.tiles[slot]:
+                    grad_b2s[g] = partials[2:, tile_ranges[slot]].sum(dim=1).flatten().to(h.dtype)
+                if prior_mus[g].numel():
                     grad_mus[g] = partials[0, tile_ranges[slot]].sum(dim=0)
                     grad_logvars[g] = partials[1, tile_ranges[slot]].sum(dim=0)
-        return (_input_grads(grad_out, grad_rows, grad_stats, h, order, group_sizes, w1s, w2s, preact, gelu,
-                             not recompute)
-                + (grad_mus, grad_logvars))
+        grad_h, grad_w1s, grad_b1s, grad_w2s = _input_grads(grad_out, grad_rows, grad_stats, h, order, group_sizes,
+                                                            w1s, w2s, preact, gelu, not recompute)
+        return grad_h, grad_w1s, grad_b1s, grad_w2s, grad_b2s, grad_mus, grad_logvars
 
 
 def _gelu_backward_(grad, preact, gelu, store_gelu):
-    """``grad *= GELU'(preact)`` in place; with ``store_gelu`` also ``gelu = GELU(preact)``."""
-    if not grad.numel():
-        return
-    config = GPU_CONFIGS["gelu_backward"]
-    block = triton.next_power_of_2(grad.numel()) if interpreting() else config.block_m  # interpreter: one program
-    _gelu_backward_kernel[(triton.cdiv(grad.numel(), block),)](preact, grad, gelu, grad.numel(), STORE_GELU=store_gelu,
-                                                                BLOCK=block, num_warps=config.num_warps)
+    """``grad *= GELU'(preact)`` in place on a [M, D] group; with ``store_gelu`` also ``gelu = GELU(preact)``.
+    Returns db1, the column sum of the new ``grad`` (fp32 partials per row tile, summed in order)."""
+    m, d = grad.shape
+    if not m:
+        return torch.zeros(d, dtype=grad.dtype, device=grad.device)
+    config = gemm_config("gelu_backward", m, d)
+    partials = torch.empty(triton.cdiv(m, config.block_m), d, dtype=torch.float32, device=grad.device)
+    _gelu_backward_kernel[(partials.shape[0], triton.cdiv(d, config.block_n))](
+        preact, grad, gelu, partials, m, d, STORE_GELU=store_gelu, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps)
+    return partials.sum(dim=0).to(grad.dtype)
 
 
 def _input_grads(grad_out, grad_rows, grad_stats, h, order, group_sizes, w1s, w2s, preact, gelu, store_gelu):
-    """Per group, from dstats: dW2, db2, GELU's backward (one pass), dW1, db1 and
+    """Per group, from dstats: dW2, GELU's backward with db1 (one pass), dW1 and
     ``dh = (1 - alpha) dz + dA W1`` (the tail kernel wrote the first term to ``grad_rows``) written to
     the group's rows (cuBLAS GEMMs on a GPU)."""
-    grads = {name: [] for name in ("w1", "b1", "w2", "b2")}
+    grads = {name: [] for name in ("w1", "b1", "w2")}
     first = 0
     for g, size in enumerate(group_sizes):
         part = slice(first, first + size)
         grad_part = grad_stats[part]
         grad_preact = grad_part @ w2s[g]  # dG; dA in place below
-        _gelu_backward_(grad_preact, preact[part], gelu[part], store_gelu)
+        grads["b1"].append(_gelu_backward_(grad_preact, preact[part], gelu[part], store_gelu))
         grads["w2"].append(grad_part.t() @ gelu[part])
-        grads["b2"].append(grad_part.sum(0, dtype=torch.float32).to(grad_part.dtype))
         grads["w1"].append(grad_preact.t() @ (h[part] if order is None else h.index_select(0, order[part])))
-        grads["b1"].append(grad_preact.sum(0, dtype=torch.float32).to(grad_preact.dtype))
         grad_rows[part].addmm_(grad_preact, w1s[g])
         first += size
     if order is None:  # every row, in order
         grad_h = grad_rows
     else:  # rows not in order pass their gradient through
         grad_h = _output_like(grad_out, order, sum(group_sizes)).index_copy_(0, order, grad_rows)
-    return (grad_h, grads["w1"], grads["b1"], grads["w2"], grads["b2"])
+    return grad_h, grads["w1"], grads["b1"], grads["w2"]
