@@ -147,14 +147,14 @@ def predicted(name: str, n: int, d: int, dtype: torch.dtype) -> dict:
     """Predicted H100 fwd+bwd (per-kernel roofline, module doc): GEMM-FLOP floor, bytes of the passes
     outside the GEMMs, launches, time (µs); ``name`` is a provider or ``"bound"``."""
     floor_us = gemm_flops(n, d) / (H100_PEAK_FLOPS[dtype] * GEMM_EFFICIENCY) * 1e6
-    e = torch.empty((), dtype=dtype).element_size()
-    if name == "bound":
-        nongemm, launches, time_us = 5 * n * d * e, None, floor_us + 5 * n * d * e / H100_BYTES_PER_S * 1e6
-    elif name == "fused":
+    if name == "fused":
         kernels = fused_kernels(n, d, dtype)
         nongemm = sum(nbytes for _, flops, nbytes in kernels if not flops)
         launches, time_us = len(kernels), sum(_roofline_us(flops, nbytes, dtype) for _, flops, nbytes in kernels)
-    else:  # recorded ops: GEMMs compute-bound (module doc), the rest memory-bound
-        nongemm, launches = _recorded_non_gemm(name, n, d, dtype)
+    else:  # GEMMs compute-bound (module doc), the rest memory-bound
+        if name == "bound":
+            nongemm, launches = 5 * n * d * torch.empty((), dtype=dtype).element_size(), None
+        else:  # recorded ops
+            nongemm, launches = _recorded_non_gemm(name, n, d, dtype)
         time_us = floor_us + nongemm / H100_BYTES_PER_S * 1e6
     return {"gemm_floor_us": floor_us, "bytes": nongemm, "launches": launches, "h100_us": time_us}

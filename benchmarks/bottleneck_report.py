@@ -76,11 +76,10 @@ def main() -> None:
                     f"{measured_table(Path(sys.argv[1]))}\n\n")
     else:  # prediction only: keep the committed measurement
         measured = RESULTS.read_text().split(PREDICTED_HEADER)[0]
-    text = (f"{measured}{PREDICTED_HEADER} (not measured; per-kernel roofline: GEMMs at {GEMM_EFFICIENCY:.0%} of "
-            "the dense peak, every other pass at 3.35 TB/s,\n" "a fused epilogue hidden under its GEMM's FLOP time; "
-            "`bound`: the floor plus the one pass any design with a materialised dstats\n" "makes -- "
-            "benchmarks/bottleneck_providers.py):"
-            f"\n\n{predicted_table()}\n")
+    model = (f"per-kernel roofline: GEMMs at {GEMM_EFFICIENCY:.0%} of the dense peak, every other pass at "
+             "3.35 TB/s,\na fused epilogue hidden under its GEMM's FLOP time; `bound`: the floor plus the one pass "
+             "any design with a materialised dstats\nmakes -- benchmarks/bottleneck_providers.py")
+    text = f"{measured}{PREDICTED_HEADER} (not measured; {model}):\n\n{predicted_table()}\n"
     RESULTS.write_text(text)
     doc = DOCS.read_text()
     start, end = doc.index(MARKERS[0]) + len(MARKERS[0]), doc.index(MARKERS[1])

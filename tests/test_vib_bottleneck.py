@@ -196,6 +196,7 @@ def test_triton_gelu_backward_pass_matches_aten(dtype, shape):
     STORE_GELU the buffer is untouched."""
     from vittle_fast.ops.triton.vib_bottleneck import _gelu_backward_
 
+    tol = TOL[str(dtype).removeprefix("torch.")]
     g = torch.Generator().manual_seed(shape[0])
     preact = (torch.randn(*shape, generator=g) * 3).to(dtype)
     grad = torch.randn(*shape, generator=g).to(dtype)
@@ -203,12 +204,11 @@ def test_triton_gelu_backward_pass_matches_aten(dtype, shape):
     for store in (True, False):
         out, gelu = grad.clone(), torch.full_like(preact, 7.0)
         bias_grad = _gelu_backward_(out, preact, gelu, store)
-        torch.testing.assert_close(out, expected_grad, **TOL[str(dtype).removeprefix("torch.")])
+        torch.testing.assert_close(out, expected_grad, **tol)
         assert bias_grad.dtype == dtype and bias_grad.shape == (shape[1],)
-        torch.testing.assert_close(bias_grad, out.float().sum(0).to(dtype), **TOL[str(dtype).removeprefix("torch.")])
+        torch.testing.assert_close(bias_grad, out.float().sum(0).to(dtype), **tol)
         if store:
-            torch.testing.assert_close(gelu, torch.nn.functional.gelu(preact.float()).to(dtype),
-                                       **TOL[str(dtype).removeprefix("torch.")])
+            torch.testing.assert_close(gelu, torch.nn.functional.gelu(preact.float()).to(dtype), **tol)
         else:
             assert torch.equal(gelu, torch.full_like(preact, 7.0))
 

@@ -104,11 +104,20 @@ def variants(full: bool) -> list[Variant]:
     return chosen
 
 
+# AOT kernel name -> (Triton function, its GPU_CONFIGS entry)
+BOTTLENECK_KERNELS = {
+    "linear_gelu": (bottleneck._linear_gelu_kernel, "linear_gelu"),
+    "gelu_bwd": (bottleneck._gelu_backward_kernel, "gelu_backward"),
+    "tail_fwd": (bottleneck._linear_tail_kernel, "linear_tail"),
+    "tail_bwd": (bottleneck._linear_tail_kernel, "linear_tail"),
+}
+
+
 @dataclass(frozen=True)
 class GemmVariant:
-    """One specialisation of a bottleneck kernel (``linear_gelu`` | ``linear_tail`` fwd/bwd | ``gelu_bwd``)."""
+    """One specialisation of a bottleneck kernel."""
 
-    kernel: str  # "linear_gelu" | "tail_fwd" | "tail_bwd" | "gelu_bwd"
+    kernel: str  # a key of BOTTLENECK_KERNELS
     cc: int
     dtype: str
     flags: tuple[tuple[str, bool], ...]  # the kernel's boolean constexprs
@@ -128,15 +137,16 @@ class GemmVariant:
 
     @property
     def fn(self):
-        return {"linear_gelu": bottleneck._linear_gelu_kernel, "gelu_bwd": bottleneck._gelu_backward_kernel}.get(
-            self.kernel, bottleneck._linear_tail_kernel)
+        return BOTTLENECK_KERNELS[self.kernel][0]
 
     def source(self) -> ASTSource:
         t = f"*{self.dtype}"
+        flags = {**dict(self.flags), "BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n}
+        if self.kernel != "gelu_bwd":  # the GEMMs: fp32 dots only under the interpreter, a K tile
+            flags |= {"DOT_FP32": False, "BLOCK_K": self.config.block_k}
         if self.kernel == "gelu_bwd":
             pointers = {"preact_ptr": t, "grad_ptr": t, "gelu_ptr": t, "partials_ptr": "*fp32"}
             scalars = {"M": "i32", "D": "i32"}
-            flags = {**dict(self.flags), "BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n}
         elif self.kernel == "linear_gelu":
             pointers = {"h_ptr": t, "order_ptr": "*i64", "preact_ptr": t, "gelu_ptr": t,
                         "w1_a": t, "b1_a": t, "w1_b": t, "b1_b": t}
@@ -157,9 +167,6 @@ class GemmVariant:
                        "size_1": "i32", "first_1": "i32", "n_tiles": "i32", "alpha": "fp32", "seed": "i64",
                        "offset_0": "i64", "offset_1": "i64", "group_0": "i32", "group_1": "i32",
                        "clamp_lo": "fp32", "clamp_hi": "fp32", "kl_logvar_coef": "fp32"}
-        if self.kernel != "gelu_bwd":
-            flags = {**dict(self.flags), "DOT_FP32": False, "BLOCK_M": self.config.block_m,
-                     "BLOCK_N": self.config.block_n, "BLOCK_K": self.config.block_k}
         types = {**pointers, **scalars, **{name: "constexpr" for name in flags}}
         signature = {name: types[name] for name in self.fn.arg_names}  # the kernel's argument order
         constexprs = {**{name: None for name, ty in pointers.items() if ty == "constexpr"}, **flags}
@@ -179,8 +186,7 @@ def gemm_variants(full: bool) -> list[GemmVariant]:
     fixed = {"tail_fwd": {"BACKWARD": False, "STATS_IN": False}, "tail_bwd": {"BACKWARD": True, "STATS_OUT": False}}
 
     def variant(kernel, cc, dtype, values):
-        config = bottleneck.GPU_CONFIGS[{"linear_gelu": "linear_gelu", "gelu_bwd": "gelu_backward"}.get(kernel,
-                                                                                                     "linear_tail")]
+        config = bottleneck.GPU_CONFIGS[BOTTLENECK_KERNELS[kernel][1]]
         return GemmVariant(kernel, cc, dtype, tuple({**fixed.get(kernel, {}), **values}.items()), config)
 
     if full:
