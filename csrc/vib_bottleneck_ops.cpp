@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 namespace vittle_fast {
 namespace {
@@ -17,6 +18,20 @@ void check_param(const at::Tensor& t, const char* name, int64_t g, at::IntArrayR
   TORCH_CHECK(t.sizes() == shape, name, "[", g, "] must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == h.scalar_type(), name, "[", g, "] must have h's dtype ", h.scalar_type());
   TORCH_CHECK(t.device() == h.device() && t.is_contiguous(), name, "[", g, "] must be contiguous on h's device");
+}
+
+// Every entry of `order` (CPU, contiguous) a distinct row of [0, n): one pass with a bitmap, cheaper
+// than the device-side checks the Python layer makes for CUDA tensors (6 tensor ops per call).
+void check_distinct_rows(const at::Tensor& order, int64_t n) {
+  const at::Tensor rows = order.contiguous();
+  const int64_t* data = rows.const_data_ptr<int64_t>();
+  std::vector<bool> seen(static_cast<size_t>(n), false);
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    const int64_t row = data[i];
+    TORCH_CHECK(row >= 0 && row < n, "order[", i, "] = ", row, " is outside the rows [0, ", n, ") of h");
+    TORCH_CHECK(!seen[static_cast<size_t>(row)], "order lists row ", row, " twice (at ", i, ")");
+    seen[static_cast<size_t>(row)] = true;
+  }
 }
 
 // Checks what the kernels rely on (the Python layer has validated the user-facing arguments) and
@@ -86,6 +101,7 @@ std::pair<std::vector<BottleneckGroup>, BottleneckCall> make_groups(
     TORCH_CHECK(order->scalar_type() == at::kLong && order->dim() == 1 && order->size(0) == first &&
                     order->size(0) <= n && order->device() == h.device(),
                 "order must be an int64 [M] tensor on h's device with M = sum(group_sizes) <= N");
+    if (!order->is_cuda()) check_distinct_rows(*order, n);  // CUDA: the Python layer's device asserts
   } else {
     TORCH_CHECK(first == n, "without order, the groups must cover the N = ", n, " rows of h");
   }

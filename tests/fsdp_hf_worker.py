@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_integration_transformers import hf_llava, llava_batch  # noqa: E402
@@ -22,7 +22,7 @@ from vittle_fast.train.parallel import shutdown_distributed  # noqa: E402
 
 def shard(model, mesh):
     """FSDP2 units as our trainer's (docs/DESIGN.md §5): the frozen vision tower's parts, each decoder block,
-    the projector, the bottleneck (its forward_both is called directly by the layer hook), then the root."""
+    the projector, the bottleneck (the layer hook calls it as a module: FSDP's hooks run), then the root."""
     vision = model.model.vision_tower  # frozen; not sharded as a whole: HF then loses its hidden states
     for part in (vision.embeddings, vision.encoder):
         fully_shard(part, mesh=mesh)
@@ -30,7 +30,6 @@ def shard(model, mesh):
         fully_shard(block, mesh=mesh)
     fully_shard(model.model.multi_modal_projector, mesh=mesh)
     fully_shard(model.vittle_bottleneck, mesh=mesh)
-    register_fsdp_forward_method(model.vittle_bottleneck, "forward_both")
     fully_shard(model, mesh=mesh)
 
 

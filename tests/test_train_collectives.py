@@ -63,3 +63,38 @@ def test_bottleneck_host(layer_v, layer_t, frozen_decoder, expected):
     if frozen_decoder:
         model.language_model.requires_grad_(False)
     assert bottleneck_host(model) == expected
+
+
+def test_grouped_unit_finishes_its_forward_at_the_bottleneck(monkeypatch):
+    """The bottleneck runs through its module call inside its block's FSDP unit: the unit's post-forward
+    (reshard, pre-backward hooks) runs once, at the bottleneck -- not a second time forced by the root's
+    post-forward, which also hooks the root's outputs (what calling ``forward_both`` directly did)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from vittle_fast.train.parallel import apply_fsdp, build_mesh, init_distributed
+
+    calls = []
+    real_post_forward = FSDPParamGroup.post_forward
+
+    def counting_post_forward(self, module, *args):
+        calls.append((self, module))
+        return real_post_forward(self, module, *args)
+
+    monkeypatch.setattr(FSDPParamGroup, "post_forward", counting_post_forward)
+    info = init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = tiny_llava(1, 1)
+        apply_fsdp(model, build_mesh(info, 1), "float32", "float32")
+        input_ids = torch.tensor([[1] + [31] * 4 + [5, 6, 7, 8]])
+        labels = input_ids.masked_fill(input_ids == 31, -100)
+        out = model(input_ids, labels=labels, pixel_values=torch.randn(1, 3, 16, 16), vittle_alpha=0.5)
+        (out.ce_sum + out.vittle_loss).backward()
+    finally:
+        dist.destroy_process_group()
+    host_group = model.bottleneck._get_fsdp_state()._fsdp_param_group
+    assert [module for group, module in calls if group is host_group] == [model.bottleneck]
+    assert all(module is not None for _, module in calls)  # no unit completed by the root on its behalf
+    assert model.bottleneck.mlp_v[0].weight.grad is not None

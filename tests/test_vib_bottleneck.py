@@ -11,7 +11,7 @@ import pytest
 import torch
 from tolerances import TOL, mlp_tol
 
-from vittle_fast.ops import available_backends, vib_bottleneck, vib_bottleneck_grouped, vib_sample_kl
+from vittle_fast.ops import available_backends, cpp, vib_bottleneck, vib_bottleneck_grouped, vib_sample_kl
 from vittle_fast.ops.philox import normal_noise
 from vittle_fast.ops.reference import bottleneck_stats_reference, vib_sample_kl_reference
 from vittle_fast.ops.vib_bottleneck import _bottleneck_backward, _bottleneck_forward
@@ -423,6 +423,17 @@ def test_grouped_bad_input_names_the_argument(case):
     with pytest.raises(error, match=argument):
         vib_bottleneck_grouped(kwargs.pop("h"), kwargs.pop("order"), kwargs.pop("group_sizes"), kwargs.pop("weights"),
                                kwargs.pop("alpha"), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])  # checked in C++ / by device asserts
+@pytest.mark.parametrize("case", ["order out of range", "order negative", "order duplicate"])
+def test_grouped_bad_order_rows_are_refused_on_every_backend(case, backend):
+    if backend == "cpp" and not cpp.is_available():
+        pytest.skip(cpp.load_error())
+    overrides, error, argument = BAD_GROUPED[case]
+    with pytest.raises(error, match=argument):
+        vib_bottleneck_grouped(torch.randn(6, D), overrides["order"], [2, 3], [_w(), _w()], 0.5, seed=0,
+                               offsets=[0, 8], backend=backend)
 
 
 BAD_SINGLE = {

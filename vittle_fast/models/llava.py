@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vittle_fast.data.conversation import IGNORE_INDEX
-from vittle_fast.nn.bottleneck import MODALITIES, VittleBottleneck, VittleConfig, split_token_rows
+from vittle_fast.nn.bottleneck import BOTH, MODALITIES, VittleBottleneck, VittleConfig, split_token_rows, token_order
 from vittle_fast.ops import fused_linear_cross_entropy
 
 from .clip import CLIPVisionTower
@@ -110,18 +110,20 @@ class BottleneckHook:
         self.is_visual, self.num_visual, self.kl_masks = is_visual, num_visual, kl_masks
         self.noise = dict(alpha=alpha, noise_seed=noise_seed, noise_offset=noise_offset)
         self.kl: dict[str, torch.Tensor] = {}
-        self._rows_cache: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._rows_cache: dict[tuple[int, int], dict] = {}
 
-    def _rows(self, first_position: int, seq: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per modality: (flat rows of the chunk [first_position, first_position + seq), KL mask)."""
+    def _rows(self, first_position: int, seq: int) -> dict:
+        """Per modality: (flat rows of the chunk [first_position, first_position + seq), KL mask); and
+        under ``BOTH`` all rows, visual first (the two modalities' rows are its two parts)."""
         key = (first_position, seq)
         if key not in self._rows_cache:
             prompt_len = self.is_visual.shape[1]
             grow = max(0, first_position + seq - prompt_len)
             is_visual = F.pad(self.is_visual, (0, grow))[:, first_position:first_position + seq]
             num_visual = self.num_visual if first_position == 0 else 0
-            rows = dict(zip(("visual", "text"), split_token_rows(is_visual, num_visual)))
-            entry = {}
+            order = token_order(is_visual)
+            rows = dict(zip(MODALITIES, order.split([num_visual, order.numel() - num_visual])))
+            entry = {BOTH: order}
             for modality, modality_rows in rows.items():
                 if self.kl_masks is None:
                     kl_mask = torch.zeros_like(modality_rows, dtype=torch.bool)
@@ -138,9 +140,8 @@ class BottleneckHook:
         rows = self._rows(first_position, hidden.shape[1])
         flat = hidden.flatten(0, 1)
         if len(modalities) == 2:  # layer_v == layer_t: both at the same point, one permutation of the rows
-            order = torch.cat([rows[m][0] for m in MODALITIES])
-            masks = {m: rows[m][1] for m in MODALITIES}
-            flat, kl = self.bottleneck.forward_both(flat, order, rows["visual"][0].numel(), masks, **self.noise)
+            # Through the module call (not forward_both), so FSDP's group hooks see the bottleneck run.
+            flat, kl = self.bottleneck(flat, BOTH, rows[BOTH], {m: rows[m][1] for m in MODALITIES}, **self.noise)
             self.kl.update(kl)
         else:
             (modality,) = modalities

@@ -25,6 +25,7 @@ from torch import nn
 from vittle_fast.ops import vib_bottleneck_grouped, vib_sample_kl
 
 MODALITIES = ("visual", "text")
+BOTH = "both"  # ``VittleBottleneck.forward``'s modality for both at once (they follow the same layer)
 _SUFFIX = {"visual": "v", "text": "t"}
 # Calls of one step draw noise at offsets ``noise_offset + (call_index << NOISE_CALL_SHIFT)`` (DESIGN §5).
 NOISE_CALL_SHIFT = 38
@@ -98,13 +99,18 @@ class VittleConfig:
         return tuple(m for m in MODALITIES if self.layer_of(m) == layer_index)
 
 
+def token_order(is_visual: torch.Tensor) -> torch.Tensor:
+    """All flat row indices, the visual tokens' first, each part in sequence order (a stable sort)."""
+    return torch.argsort(is_visual.flatten().to(torch.int8), descending=True, stable=True)
+
+
 def split_token_rows(is_visual: torch.Tensor, num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat row indices of the visual tokens and of all other tokens, both in sequence order.
 
     ``num_visual`` must be the number of True entries (LLaVA knows it on the host: images x patches),
-    which makes the split sync-free: a stable sort puts the visual rows first, in order.
+    which makes the split sync-free: ``token_order``'s first ``num_visual`` rows are the visual ones.
     """
-    order = torch.argsort(is_visual.flatten().to(torch.int8), descending=True, stable=True)
+    order = token_order(is_visual)
     return order[:num_visual], order[num_visual:]
 
 
@@ -149,17 +155,20 @@ class VittleBottleneck(nn.Module):
         hidden: torch.Tensor,
         modality: str,
         rows: torch.Tensor,
-        kl_mask: torch.Tensor,
+        kl_mask: torch.Tensor | dict[str, torch.Tensor],
         *,
         alpha: float,
         noise_seed: int,
         noise_offset: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
         """Bottleneck the ``rows`` of ``hidden`` [N, D] that belong to ``modality``.
 
         Args:
             hidden: flat token hidden states [N, D].
-            modality: ``"visual"`` or ``"text"`` (picks the MLP, the prior and the noise stream).
+            modality: ``"visual"`` or ``"text"`` (picks the MLP, the prior and the noise stream), or
+                ``"both"``: :meth:`forward_both` through the module's ``__call__`` (so FSDP's hooks of
+                the unit holding the bottleneck run as for any module), with ``rows`` its ``order`` and
+                ``kl_mask`` its ``kl_masks``; the KL then comes back as ``{modality: KL mean}``.
             rows: int64 [n] row indices of this modality's tokens.
             kl_mask: bool [n]: which of those tokens the KL mean runs over.
             alpha: interpolation weight in [0, 1]; noise_seed / noise_offset: the step's Philox stream.
@@ -168,6 +177,11 @@ class VittleBottleneck(nn.Module):
             ``(hidden with the rows replaced, KL mean over the masked tokens (fp32, 0 when none))``.
             Eval mode uses the posterior mean (no noise).
         """
+        noise = dict(alpha=alpha, noise_seed=noise_seed, noise_offset=noise_offset)
+        if modality == BOTH:
+            if not isinstance(kl_mask, dict):
+                raise TypeError(f'modality="both" takes kl_mask as {{modality: mask}}, got {type(kl_mask).__name__}')
+            return self._both(hidden, rows, kl_mask["visual"].numel(), kl_mask, **noise)
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if hidden.ndim != 2:
@@ -199,8 +213,13 @@ class VittleBottleneck(nn.Module):
         gradients into zero-filled buffers; here one permutation gathers the rows (the two modalities
         are then contiguous views) and each transformed row is written once into a fresh output.
 
-        Returns ``(hidden with every row transformed, {modality: KL mean})``.
+        Returns ``(hidden with every row transformed, {modality: KL mean})``. A call of this method
+        bypasses the module's hooks; ``module(hidden, "both", order, kl_masks, ...)`` runs them.
         """
+        return self._both(hidden, order, num_visual, kl_masks, alpha=alpha, noise_seed=noise_seed,
+                          noise_offset=noise_offset)
+
+    def _both(self, hidden, order, num_visual, kl_masks, *, alpha, noise_seed, noise_offset):
         if hidden.ndim != 2 or order.shape != hidden.shape[:1]:
             raise ValueError(f"order {tuple(order.shape)} must list every row of hidden {tuple(hidden.shape)}")
         if not 0 <= num_visual <= order.numel():

@@ -147,6 +147,7 @@ def _setup_context(ctx, inputs, output):
      prior_logvars, *options) = inputs
     _, _, preact, stats = output
     ctx.mark_non_differentiable(preact, stats)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills [M, 3D] of grads for preact and stats per call
     ctx.n_groups = len(group_sizes)
     ctx.save_for_backward(h, order, preact, stats, alpha_t, seed_t, offsets_t, *w1s, *b1s, *w2s, *b2s, *prior_mus,
                           *prior_logvars)
@@ -229,8 +230,12 @@ def _check_order(order, h: torch.Tensor, group_sizes) -> None:
     n = h.shape[0]
     if order.numel() > n:
         raise ValueError(f"order lists {order.numel()} rows but h has only {n}")
+
+
+def _check_order_rows(order: torch.Tensor, n: int) -> None:
+    """Rows distinct and in [0, n), checked on the device without a host sync (CUDA: a device assert).
+    The cpp backend on CPU checks them in C++ instead (one pass, before any row is read)."""
     if order.numel() and order.device.type != "meta":
-        # Rows distinct and in range, checked on the device without a host sync (CUDA: device assert).
         torch._assert_async(((order >= 0) & (order < n)).all(), f"order has rows outside [0, {n})")
         hits = torch.zeros(n, dtype=torch.int32, device=order.device).index_put_(
             (order.clamp(0, max(n - 1, 0)),), torch.ones_like(order, dtype=torch.int32), accumulate=True)
@@ -252,6 +257,8 @@ def _scalars(alpha, seed, offsets, device) -> tuple:
 def _run(h, order, group_sizes, weights, scalars, priors, logvar_clamp, kl_form, sample, backend, recompute):
     """Validated arguments -> the reference composition or the custom op. h is [N, D]."""
     backend = resolve_backend(backend, h.device.type)
+    if order is not None and not (backend == "cpp" and h.device.type == "cpu"):
+        _check_order_rows(order, h.shape[0])
     alpha, seed, offsets, alpha_t, seed_t, offsets_t = scalars
     if backend == "reference":
         rows = order if order is not None else torch.arange(h.shape[0], device=h.device)

@@ -107,6 +107,7 @@ def _fused_backward_fake(grad_z_hat, grad_kl, stats, alpha, seed, offset, alpha_
 def _setup_context(ctx, inputs, output):
     h, stats, alpha, seed, offset, alpha_t, seed_t, offset_t, prior_mu, prior_logvar, *options = inputs
     ctx.save_for_backward(stats, alpha_t, seed_t, offset_t, prior_mu, prior_logvar)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (zeros made below only then)
     ctx.scalars = (alpha, seed, offset)
     ctx.options = options
     ctx.h_dtype = h.dtype

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -114,6 +114,8 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, param_dtype: str, reduc
     `param_dtype`, never reduced), then the root (embeddings, final norm, LM head). The bottleneck
     joins the unit of the block whose output it transforms (`bottleneck_host`), which saves one
     all-gather/reduce-scatter round per step; when there is no such block it is a unit of its own.
+    The layer hook calls the bottleneck through its ``__call__`` (``modality="both"``), so a grouped
+    unit completes its forward (reshard, one set of pre-backward hooks) right after the bottleneck.
 
     Trainable and frozen parameters never share a unit, which FSDP2 requires.
     """
@@ -132,12 +134,8 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, param_dtype: str, reduc
         else:
             fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model.projector, mesh=mesh, mp_policy=mp_policy)
-    if model.bottleneck is not None:
-        if host is None:
-            fully_shard(model.bottleneck, mesh=mesh, mp_policy=keep_inputs)
-        # Called directly (not through __call__) when both modalities share a layer: FSDP must
-        # still run its pre/post-forward around it (all-gather if needed, reshard, backward hooks).
-        register_fsdp_forward_method(model.bottleneck, "forward_both")
+    if model.bottleneck is not None and host is None:
+        fully_shard(model.bottleneck, mesh=mesh, mp_policy=keep_inputs)
     fully_shard(model, mesh=mesh, mp_policy=keep_inputs)
 
 
