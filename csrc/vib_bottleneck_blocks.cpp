@@ -2,12 +2,12 @@
 // sampling/KL tail of the tensor's device (the vib_sample_kl CPU or CUDA kernel), rows in blocks.
 //
 // For each block of a group's rows: gather h's rows, GEMM1 with the bias (addmm), GELU, GEMM2 with
-// the bias into the block's stats, then the sampling/KL tail while the block is still in cache, and
-// scatter z_hat to the block's rows. `stats` never exists for all rows at once unless it is saved for
+// the bias into the block's stats, then the sampling/KL tail while the block is still in cache, which
+// writes z_hat to the block's rows of the output (CPU: in place through `order`; CUDA: a scatter). `stats` never exists for all rows at once unless it is saved for
 // backward (recompute = false).
 //
 // Backward, block by block in the same order: stats (saved or recomputed), the tail's backward
-// (dstats), then the weight gradients summed over blocks in a fixed order (fp32 from the second
+// (dstats; on CPU it reads grad_out's rows through `order`, no gather), then the weight gradients summed over blocks in a fixed order (fp32 from the second
 // block on), GELU's backward and the dgrad GEMMs, dh = (1 - alpha) dz + dA w1 scattered to the
 // block's rows. Blocks hold a multiple of 4 rows, so every block starts on a Philox counter
 // boundary: its noise is the tail's noise with offset + first_row * D / 4 (the contract's stream,
@@ -101,30 +101,57 @@ void second_linear(const at::Tensor& gelu, const BottleneckGroup& group, at::Ten
   at::addmm_out(stats_rows, group.b2, gelu, group.w2.t());
 }
 
-ForwardResult tail_forward(const at::Tensor& h_rows, const at::Tensor& stats_rows, const Block& block,
-                           const BottleneckCall& call) {
-  const FusedCall tail = block.tail_call(call);
-#ifdef VITTLE_FAST_WITH_CUDA
-  if (h_rows.is_cuda()) return forward_cuda(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
-#endif
-  return forward_cpu(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+// The block's rows of `order` as a CPU row map (order None: the block's rows are h's rows
+// [first, first + size), which the caller passes as a narrowed tensor).
+RowMap block_rows_map(const OptionalTensor& order, const Block& block) {
+  return {order.has_value() ? order->const_data_ptr<int64_t>() + block.first : nullptr};
 }
 
-BackwardResult tail_backward(const at::Tensor& grad_rows, const at::Tensor& grad_kl_rows, const at::Tensor& stats_rows,
-                             const Block& block, const BottleneckCall& call) {
+// The sampling/KL tail of the block: z_hat into its rows of `out`, its KL into `kl`'s block slice.
+// CPU: written in place through the row map; CUDA: the kernel's outputs, then copied / scattered.
+void tail_forward(const at::Tensor& h_rows, const at::Tensor& stats_rows, const Block& block,
+                  const BottleneckCall& call, const OptionalTensor& order, at::Tensor& out, at::Tensor& kl) {
+  const FusedCall tail = block.tail_call(call);
+  at::Tensor kl_rows = kl.narrow(0, block.first, block.size);
+#ifdef VITTLE_FAST_WITH_CUDA
+  if (h_rows.is_cuda()) {
+    auto [z_hat, kl_block] =
+        forward_cuda(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+    kl_rows.copy_(kl_block);
+    scatter(out, order, block, z_hat);
+    return;
+  }
+#endif
+  const at::Tensor z_out = order.has_value() ? out : out.narrow(0, block.first, block.size);
+  forward_cpu(h_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail,
+              CpuForwardInto{z_out, block_rows_map(order, block), kl_rows});
+}
+
+// The tail's backward for the block, reading its rows of grad_out (CPU: in place through the row map).
+BackwardResult tail_backward(const at::Tensor& grad_out, const OptionalTensor& order, const at::Tensor& grad_kl_rows,
+                             const at::Tensor& stats_rows, const Block& block, const BottleneckCall& call) {
   const FusedCall tail = block.tail_call(call);
 #ifdef VITTLE_FAST_WITH_CUDA
   if (stats_rows.is_cuda()) {
-    return backward_cuda(grad_rows, grad_kl_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+    return backward_cuda(gather(grad_out, order, block), grad_kl_rows, stats_rows, block.group.prior_mu,
+                         block.group.prior_logvar, tail);
   }
 #endif
-  return backward_cpu(grad_rows, grad_kl_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail);
+  const at::Tensor grad_rows = order.has_value() ? grad_out : grad_out.narrow(0, block.first, block.size);
+  return backward_cpu(grad_rows, grad_kl_rows, stats_rows, block.group.prior_mu, block.group.prior_logvar, tail,
+                      block_rows_map(order, block));
+}
+
+// `order` as the row maps read it (contiguous).
+OptionalTensor contiguous_order(const OptionalTensor& order) {
+  return order.has_value() ? OptionalTensor(order->contiguous()) : std::nullopt;
 }
 
 }  // namespace
 
-BottleneckForwardResult bottleneck_forward(const at::Tensor& h, const OptionalTensor& order,
+BottleneckForwardResult bottleneck_forward(const at::Tensor& h, const OptionalTensor& order_arg,
                                            const std::vector<BottleneckGroup>& groups, const BottleneckCall& call) {
+  const OptionalTensor order = contiguous_order(order_arg);
   const int64_t m = call.n_order;
   const int64_t d = call.dim;
   at::Tensor out = output_like(h, order, call);
@@ -138,17 +165,16 @@ BottleneckForwardResult bottleneck_forward(const at::Tensor& h, const OptionalTe
     at::addmm_out(preact_rows, block.group.b1, h_rows, block.group.w1.t());
     at::Tensor stats_rows = call.recompute ? scratch.narrow(0, 0, block.size) : stats.narrow(0, block.first, block.size);
     second_linear(at::gelu(preact_rows), block.group, stats_rows);
-    auto [z_hat, kl_rows] = tail_forward(h_rows, stats_rows, block, call);
-    kl.narrow(0, block.first, block.size).copy_(kl_rows);
-    scatter(out, order, block, z_hat);
+    tail_forward(h_rows, stats_rows, block, call, order, out, kl);
   });
   return {out, kl, preact, stats};
 }
 
 BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const at::Tensor& grad_kl,
-                                             const at::Tensor& h, const OptionalTensor& order,
+                                             const at::Tensor& h, const OptionalTensor& order_arg,
                                              const std::vector<BottleneckGroup>& groups, const BottleneckCall& call,
                                              const at::Tensor& preact, const at::Tensor& stats) {
+  const OptionalTensor order = contiguous_order(order_arg);
   const int64_t d = call.dim;
   const auto fp32 = h.options().dtype(at::kFloat);
   at::Tensor grad_h = output_like(grad_out, order, call);
@@ -174,8 +200,7 @@ BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const a
       stats_rows = stats.narrow(0, block.first, block.size);
     }
     auto [grad_h_rows, grad_stats, grad_mu_p, grad_lv_p] =
-        tail_backward(gather(grad_out, order, block), grad_kl.narrow(0, block.first, block.size), stats_rows, block,
-                      call);
+        tail_backward(grad_out, order, grad_kl.narrow(0, block.first, block.size), stats_rows, block, call);
     if (block.group.prior_mu.has_value()) {
       gmu[g].add_(grad_mu_p);
       glv[g].add_(grad_lv_p);

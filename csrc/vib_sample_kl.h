@@ -32,13 +32,31 @@ inline OptionalTensor prior_or_none(const at::Tensor& prior) {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Outputs: z_hat [N, D] in stats.dtype, kl [N] float32.
+// Row indirection of the CPU tail, for the fused bottleneck's rows picked by `order` (its rows are
+// then read and written in place, without a gather or scatter copy): row i of a mapped tensor is
+// its row rows[i]; nullptr: row i.
+struct RowMap {
+  const int64_t* rows = nullptr;
+  int64_t operator[](int64_t i) const { return rows != nullptr ? rows[i] : i; }
+};
+
+// Outputs the CPU forward writes into instead of allocating them: z_hat row i to row z_rows[i] of
+// `z_hat` ([>= N, D], stats.dtype, contiguous, not aliasing the inputs), kl to `kl` ([N] float32, contiguous).
+struct CpuForwardInto {
+  at::Tensor z_hat;
+  RowMap z_rows;
+  at::Tensor kl;
+};
+
+// Outputs: z_hat [N, D] in stats.dtype, kl [N] float32 (or `into`'s tensors, filled).
 ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const OptionalTensor& prior_mu,
-                          const OptionalTensor& prior_logvar, const FusedCall& call);
+                          const OptionalTensor& prior_logvar, const FusedCall& call,
+                          const std::optional<CpuForwardInto>& into = std::nullopt);
 // Outputs: grad_h [N, D], grad_stats [N, 2D] in stats.dtype; prior gradients [D] float32 (or [0]).
+// Row i of grad_z_hat is its row g_rows[i].
 BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad_kl, const at::Tensor& stats,
                             const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
-                            const FusedCall& call);
+                            const FusedCall& call, RowMap g_rows = {});
 
 #ifdef VITTLE_FAST_WITH_CUDA
 ForwardResult forward_cuda(const at::Tensor& h, const at::Tensor& stats, const OptionalTensor& prior_mu,

@@ -187,9 +187,10 @@ struct ForwardRow {
 };
 
 template <typename scalar_t>
-ForwardRow<scalar_t> forward_row(int64_t i, int64_t d, const scalar_t* h, const scalar_t* stats, scalar_t* z_hat) {
+ForwardRow<scalar_t> forward_row(int64_t i, int64_t d, const scalar_t* h, const scalar_t* stats, scalar_t* z_hat,
+                                 RowMap z_rows) {
   const scalar_t* mu = stats + i * 2 * d;
-  return {h + i * d, mu, mu + d, z_hat + i * d};
+  return {h + i * d, mu, mu + d, z_hat + z_rows[i] * d};
 }
 
 template <typename scalar_t>
@@ -203,11 +204,11 @@ struct BackwardRow {
 };
 
 template <typename scalar_t>
-BackwardRow<scalar_t> backward_row(int64_t i, int64_t d, const scalar_t* grad_z_hat, const scalar_t* stats,
-                                   scalar_t* grad_h, scalar_t* grad_stats) {
+BackwardRow<scalar_t> backward_row(int64_t i, int64_t d, const scalar_t* grad_z_hat, RowMap g_rows,
+                                   const scalar_t* stats, scalar_t* grad_h, scalar_t* grad_stats) {
   const scalar_t* mu = stats + i * 2 * d;
   scalar_t* grad_mu = grad_stats + i * 2 * d;
-  return {grad_z_hat + i * d, mu, mu + d, grad_h + i * d, grad_mu, grad_mu + d};
+  return {grad_z_hat + g_rows[i] * d, mu, mu + d, grad_h + i * d, grad_mu, grad_mu + d};
 }
 
 // The element loops are instantiated per value of `sample` so that the per-element select on it
@@ -215,7 +216,7 @@ BackwardRow<scalar_t> backward_row(int64_t i, int64_t d, const scalar_t* grad_z_
 // number of pointers is past g++'s limit for runtime alias checks).
 template <typename scalar_t, bool kSample>
 VITTLE_CPU_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t* stats,
-                  const PriorColumns::View priors, scalar_t* z_hat, float* kl, const FusedCall& call,
+                  const PriorColumns::View priors, scalar_t* z_hat, RowMap z_rows, float* kl, const FusedCall& call,
                   RowScratch& scratch) {
   const int64_t d = call.dim;
   OpScalars scalars = call.scalars;  // a local copy: provably not aliased by the output stores
@@ -223,7 +224,7 @@ VITTLE_CPU_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* 
   float* kl_terms = scratch.kl_terms.data();
   for (int64_t i = begin; i < end; ++i) {
     const float* eps = kSample ? row_noise(call, i, scratch) : scratch.normals.data();
-    const auto [h_row, mu_row, logvar_row, z_row] = forward_row(i, d, h, stats, z_hat);
+    const auto [h_row, mu_row, logvar_row, z_row] = forward_row(i, d, h, stats, z_hat, z_rows);
 #pragma GCC ivdep
     for (int64_t j = 0; j < d; ++j) {
       const ForwardElement e = forward_element(static_cast<float>(h_row[j]), static_cast<float>(mu_row[j]),
@@ -238,7 +239,8 @@ VITTLE_CPU_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* 
 // Backward of rows [begin, end); with kLearnablePrior, adds this range's prior-gradient terms into
 // prior_partial ([2, D]: d/dmu_p then d/dlv_p).
 template <typename scalar_t, bool kSample, bool kLearnablePrior>
-VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
+VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, RowMap g_rows,
+                   const float* grad_kl,
                    const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h, scalar_t* grad_stats,
                    float* prior_partial, const FusedCall& call, RowScratch& scratch) {
   const int64_t d = call.dim;
@@ -248,7 +250,7 @@ VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t*
     const float* eps = kSample ? row_noise(call, i, scratch) : scratch.normals.data();
     const float w = grad_kl[i] / static_cast<float>(d);
     const auto [g_row, mu_row, logvar_row, grad_h_row, grad_mu_row, grad_logvar_row] =
-        backward_row(i, d, grad_z_hat, stats, grad_h, grad_stats);
+        backward_row(i, d, grad_z_hat, g_rows, stats, grad_h, grad_stats);
 #pragma GCC ivdep
     for (int64_t j = 0; j < d; ++j) {
       const BackwardElement e = backward_element(static_cast<float>(g_row[j]), w, static_cast<float>(mu_row[j]),
@@ -300,13 +302,13 @@ VITTLE_AVX512_INLINE Floats forward_kl(Floats logvar_c, Floats var, Floats diff,
 // forward_rows of the portable path, 64 columns per step.
 template <typename scalar_t, bool kSample, bool kLearnable>
 VITTLE_AVX512 void forward_rows(int64_t begin, int64_t end, const scalar_t* h, const scalar_t* stats,
-                                const PriorColumns::View priors, scalar_t* z_hat, float* kl, const FusedCall& call,
-                                float* normals, float* kl_terms) {
+                                const PriorColumns::View priors, scalar_t* z_hat, RowMap z_rows, float* kl,
+                                const FusedCall& call, float* normals, float* kl_terms) {
   const int64_t d = call.dim;
   const OpScalars s = call.scalars;
   for (int64_t i = begin; i < end; ++i) {
     const float* eps = kSample ? avx512::row_noise(call, i, normals) : nullptr;
-    const auto [h_row, mu_row, logvar_row, z_row] = forward_row(i, d, h, stats, z_hat);
+    const auto [h_row, mu_row, logvar_row, z_row] = forward_row(i, d, h, stats, z_hat, z_rows);
     for (int64_t j = 0; j < d; j += kGroups * kLanes) {
       const Masks k = tail_masks<kGroups>(d - j);
       const Floats mu = load(mu_row + j, k);
@@ -325,7 +327,8 @@ VITTLE_AVX512 void forward_rows(int64_t begin, int64_t end, const scalar_t* h, c
 
 // backward_rows of the portable path, 64 columns per step.
 template <typename scalar_t, bool kSample, bool kLearnable>
-VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, const float* grad_kl,
+VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, RowMap g_rows,
+                                 const float* grad_kl,
                                  const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h,
                                  scalar_t* grad_stats, float* prior_partial, const FusedCall& call, float* normals) {
   const int64_t d = call.dim;
@@ -335,7 +338,7 @@ VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* gra
     const float w = grad_kl[i] / static_cast<float>(d);
     const float half_w = w * 0.5f;
     const auto [g_row, mu_row, logvar_row, grad_h_row, grad_mu_row, grad_logvar_row] =
-        backward_row(i, d, grad_z_hat, stats, grad_h, grad_stats);
+        backward_row(i, d, grad_z_hat, g_rows, stats, grad_h, grad_stats);
     for (int64_t j = 0; j < d; j += kGroups * kLanes) {
       const Masks k = tail_masks<kGroups>(d - j);
       const Floats g = load(g_row + j, k);
@@ -369,9 +372,11 @@ VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* gra
 }  // namespace
 
 ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const OptionalTensor& prior_mu,
-                          const OptionalTensor& prior_logvar, const FusedCall& call) {
-  at::Tensor z_hat = at::empty_like(h);
-  at::Tensor kl = at::empty({call.n_tokens}, h.options().dtype(at::kFloat));
+                          const OptionalTensor& prior_logvar, const FusedCall& call,
+                          const std::optional<CpuForwardInto>& into) {
+  at::Tensor z_hat = into ? into->z_hat : at::empty_like(h);
+  at::Tensor kl = into ? into->kl : at::empty({call.n_tokens}, h.options().dtype(at::kFloat));
+  const RowMap z_rows = into ? into->z_rows : RowMap{};
   if (call.n_tokens == 0) return {z_hat, kl};
   const PriorColumns priors(prior_mu, prior_logvar, call);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "vittle_fast_fwd_cpu", [&] {
@@ -389,15 +394,15 @@ ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const Op
           if (simd) {
             with_bool(call.learnable_prior, [&](auto learnable) {
               avx512_rows::forward_rows<scalar_t, kSample, decltype(learnable)::value>(
-                  begin, end, h_data, stats_data, priors.view(), z_data, kl_data, call, scratch.normals.data(),
-                  scratch.kl_terms.data());
+                  begin, end, h_data, stats_data, priors.view(), z_data, z_rows, kl_data, call,
+                  scratch.normals.data(), scratch.kl_terms.data());
             });
             return;
           }
         }
 #endif
-        forward_rows<scalar_t, kSample>(begin, end, h_data, stats_data, priors.view(), z_data, kl_data, call,
-                                        scratch);
+        forward_rows<scalar_t, kSample>(begin, end, h_data, stats_data, priors.view(), z_data, z_rows, kl_data,
+                                        call, scratch);
       });
     });
   });
@@ -406,9 +411,9 @@ ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const Op
 
 BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad_kl, const at::Tensor& stats,
                             const OptionalTensor& prior_mu, const OptionalTensor& prior_logvar,
-                            const FusedCall& call) {
+                            const FusedCall& call, RowMap g_rows) {
   const int64_t d = call.dim;
-  at::Tensor grad_h = at::empty_like(grad_z_hat);
+  at::Tensor grad_h = at::empty({call.n_tokens, d}, grad_z_hat.options());
   at::Tensor grad_stats = at::empty_like(stats);
   const auto fp32 = stats.options().dtype(at::kFloat);
   const int64_t prior_size = call.learnable_prior ? d : 0;
@@ -439,14 +444,14 @@ BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad
 #if defined(VITTLE_CPU_AVX512)
             if constexpr (kHasAvx512Rows<scalar_t>) {
               if (simd) {
-                avx512_rows::backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, gkl, st,
+                avx512_rows::backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, g_rows, gkl, st,
                                                                           priors.view(), gh, gs, chunk_partial,
                                                                           call, scratch.normals.data());
                 continue;
               }
             }
 #endif
-            backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, gkl, st, priors.view(), gh, gs,
+            backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, g_rows, gkl, st, priors.view(), gh, gs,
                                                          chunk_partial, call, scratch);
           }
         });
