@@ -3,15 +3,15 @@
 //
 // For each block of a group's rows: gather h's rows, GEMM1 with the bias (addmm), GELU, GEMM2 with
 // the bias into the block's stats, then the sampling/KL tail while the block is still in cache, which
-// writes z_hat to the block's rows of the output (CPU: in place through `order`; CUDA: a scatter). `stats` never exists for all rows at once unless it is saved for
-// backward (recompute = false).
+// writes z_hat to the block's rows of the output (CPU: in place through `order`; CUDA: a scatter).
+// `stats` never exists for all rows at once unless it is saved for backward (recompute = false).
 //
 // Backward, block by block in the same order: stats (saved or recomputed), the tail's backward
-// (dstats; on CPU it reads grad_out's rows through `order`, no gather), then the weight gradients summed over blocks in a fixed order (fp32 from the second
-// block on), GELU's backward and the dgrad GEMMs, dh = (1 - alpha) dz + dA w1 scattered to the
-// block's rows. Blocks hold a multiple of 4 rows, so every block starts on a Philox counter
-// boundary: its noise is the tail's noise with offset + first_row * D / 4 (the contract's stream,
-// docs/DESIGN.md §2).
+// (dstats; on CPU it reads grad_out's rows through `order`, no gather), then the weight gradients
+// summed over blocks in a fixed order (fp32 from the second block on), GELU's backward and the dgrad
+// GEMMs, dh = (1 - alpha) dz + dA w1 scattered to the block's rows. Blocks hold a multiple of 4 rows,
+// so every block starts on a Philox counter boundary: its noise is the tail's noise with
+// offset + first_row * D / 4 (the contract's stream, docs/DESIGN.md §2).
 //
 // CPU: 4096-row blocks (below). CUDA: one block per group -- a GPU's GEMMs want every row at once,
 // and a group's noise offset may be a device tensor (CUDA-graph safe), to which no block shift can be
