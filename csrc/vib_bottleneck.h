@@ -48,4 +48,8 @@ BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const a
                                              const std::vector<BottleneckGroup>& groups, const BottleneckCall& call,
                                              const at::Tensor& preact, const at::Tensor& stats);
 
+// Exact GELU, and grad *= GELU'(x) in place (vib_bottleneck_gelu_cpu.cpp: AVX-512 on CPU, else ATen).
+at::Tensor gelu_rows(const at::Tensor& x);
+void gelu_rows_backward_(at::Tensor& grad, const at::Tensor& x);
+
 }  // namespace vittle_fast

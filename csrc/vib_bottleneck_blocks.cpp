@@ -164,7 +164,7 @@ BottleneckForwardResult bottleneck_forward(const at::Tensor& h, const OptionalTe
     at::Tensor preact_rows = preact.narrow(0, block.first, block.size);
     at::addmm_out(preact_rows, block.group.b1, h_rows, block.group.w1.t());
     at::Tensor stats_rows = call.recompute ? scratch.narrow(0, 0, block.size) : stats.narrow(0, block.first, block.size);
-    second_linear(at::gelu(preact_rows), block.group, stats_rows);
+    second_linear(gelu_rows(preact_rows), block.group, stats_rows);
     tail_forward(h_rows, stats_rows, block, call, order, out, kl);
   });
   return {out, kl, preact, stats};
@@ -191,7 +191,7 @@ BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const a
   for_each_block(groups, h, [&](const Block& block) {
     const size_t g = static_cast<size_t>(&block.group - groups.data());
     const at::Tensor preact_rows = preact.narrow(0, block.first, block.size);
-    const at::Tensor gelu = at::gelu(preact_rows);
+    const at::Tensor gelu = gelu_rows(preact_rows);
     at::Tensor stats_rows;
     if (call.recompute) {
       stats_rows = scratch.narrow(0, 0, block.size);
@@ -208,7 +208,7 @@ BottleneckBackwardResult bottleneck_backward(const at::Tensor& grad_out, const a
     accumulate(gw2[g], at::mm(grad_stats.t(), gelu));
     accumulate(gb2[g], at::sum(grad_stats, {0}, false, at::kFloat));
     at::Tensor grad_preact = at::mm(grad_stats, block.group.w2);        // dG, then in place dA = GELU'(A) dG
-    at::gelu_backward_out(grad_preact, grad_preact, preact_rows);
+    gelu_rows_backward_(grad_preact, preact_rows);
     accumulate(gw1[g], at::mm(grad_preact.t(), gather(h, order, block)));
     accumulate(gb1[g], at::sum(grad_preact, {0}, false, at::kFloat));
     at::addmm_out(grad_h_rows, grad_h_rows, grad_preact, block.group.w1);  // (1 - alpha) dz + dA w1, one pass

@@ -32,6 +32,10 @@ inline OptionalTensor prior_or_none(const at::Tensor& prior) {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// True when the CPU kernels may use their AVX-512 loops: the CPU has AVX-512 F/BW/DQ/VL and
+// VITTLE_FAST_CPU_AVX512=0 is not set (the switch lets tests compare them with the portable paths).
+bool cpu_avx512_enabled();
+
 // Row indirection of the CPU tail, for the fused bottleneck's rows picked by `order` (its rows are
 // then read and written in place, without a gather or scatter copy): row i of a mapped tensor is
 // its row rows[i]; nullptr: row i.

@@ -60,20 +60,10 @@ template <typename scalar_t>
 constexpr bool kHasAvx512Rows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
                                 std::is_same_v<scalar_t, c10::Half>;
 
-// True when this call runs the AVX-512 row loops: the CPU has them, rows are long enough, and
-// VITTLE_FAST_CPU_AVX512=0 is not set (the switch lets tests compare the two paths).
+// True when this call runs the AVX-512 row loops: cpu_avx512_enabled() and rows long enough.
 template <typename scalar_t>
 bool use_avx512(int64_t dim) {
-#if defined(VITTLE_CPU_AVX512)
-  if (!kHasAvx512Rows<scalar_t>) return false;
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  const char* env = std::getenv("VITTLE_FAST_CPU_AVX512");
-  return supported && dim >= kMinAvx512Dim && !(env != nullptr && std::strcmp(env, "0") == 0);
-#else
-  (void)dim;
-  return false;
-#endif
+  return kHasAvx512Rows<scalar_t> && dim >= kMinAvx512Dim && cpu_avx512_enabled();
 }
 
 // Per-column prior (fixed N(0, 1) or the clamped learnable one), computed once per call and kept
@@ -370,6 +360,17 @@ VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* gra
 #endif
 
 }  // namespace
+
+bool cpu_avx512_enabled() {
+#if defined(VITTLE_CPU_AVX512)
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  const char* env = std::getenv("VITTLE_FAST_CPU_AVX512");
+  return supported && !(env != nullptr && std::strcmp(env, "0") == 0);
+#else
+  return false;
+#endif
+}
 
 ForwardResult forward_cpu(const at::Tensor& h, const at::Tensor& stats, const OptionalTensor& prior_mu,
                           const OptionalTensor& prior_logvar, const FusedCall& call,

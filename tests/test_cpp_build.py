@@ -237,6 +237,36 @@ def test_avx512_rows_equal_portable_rows_bitwise(monkeypatch, dtype, n, d):
 
 
 @needs_cpp
+@pytest.mark.parametrize("path", ["1", "0"])  # the AVX-512 loops, and ATen's GELU they replace
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bottleneck_gelu_matches_float64(monkeypatch, path, dtype):
+    """GELU and its backward of the C++ bottleneck on CPU against float64, over the whole range
+    (very negative x, where GELU underflows; 0). NaN stays NaN; at +-inf the AVX-512 loops give
+    float64's values (ATen's float32 GELU gives NaN at +inf, so only the AVX-512 path is held to it)."""
+    monkeypatch.setenv("VITTLE_FAST_CPU_AVX512", path)
+    x = torch.cat([torch.linspace(-12.0, 12.0, 4001), torch.randn(1000) * 3,
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")])]).to(dtype)
+    grad = torch.linspace(-2.0, 2.0, x.numel()).to(dtype)
+    x64 = x.double().requires_grad_()
+    expected = torch.nn.functional.gelu(x64)
+    (expected_grad,) = torch.autograd.grad(expected, x64, grad.double())
+    got = torch.ops.vittle_fast.gelu_rows(x)
+    got_grad = torch.ops.vittle_fast.gelu_rows_backward(grad, x)
+    atol = TOL["gelu_cpu"]["atol"] * x.double().abs().clamp(min=1.0)
+    for value, reference in ((got, expected.detach()), (got_grad, expected_grad)):
+        assert value.dtype == dtype and value.shape == x.shape
+        value = value.double()
+        finite = x.isfinite()
+        if path == "1":
+            assert torch.equal(value[~finite].nan_to_num(), reference[~finite].nan_to_num())
+        assert value[x.isnan()].isnan().all()
+        error = (value - reference)[finite].abs()
+        bound = atol[finite] + TOL[str(dtype).removeprefix("torch.")]["rtol"] * reference[finite].abs()
+        bound = bound if dtype != torch.float32 else atol[finite]
+        assert (error <= bound).all(), f"max error {error.max():.3g}"
+
+
+@needs_cpp
 def test_meta_kernels_give_output_shapes():
     """The Meta registrations let FakeTensor / torch.compile trace the raw ops."""
     h = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
