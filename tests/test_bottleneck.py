@@ -233,3 +233,25 @@ def check_compiled_with_moving_scalars(loss_fn, loss_and_grads):
             traced = loss_and_grads(compiled, scalars)
             assert all(torch.equal(a, b) for a, b in zip(traced, eager)), f"step {step}"
         assert counter.frame_count <= (1 if as_tensors else 2), counter.frame_count
+
+
+@pytest.mark.parametrize("fused_mlp", [True, False])
+def test_module_call_with_both_is_forward_both(fused_mlp):
+    """``module(h, "both", order, kl_masks)`` -- the call the layer hook makes, so FSDP's hooks run --
+    is ``forward_both`` bit for bit, outputs and gradients; a tensor kl_mask is refused by name."""
+    torch.manual_seed(0)
+    bottleneck = VittleBottleneck(D, VittleConfig(layer_v=0, layer_t=0, fused_mlp=fused_mlp))
+    order = torch.randperm(10)
+    kl_masks = {"visual": torch.ones(3, dtype=torch.bool), "text": torch.arange(7) % 2 == 0}
+    noise = dict(alpha=ALPHA, noise_seed=SEED, noise_offset=OFFSET)
+    results = []
+    for call in (lambda h: bottleneck(h, "both", order, kl_masks, **noise),
+                 lambda h: bottleneck.forward_both(h, order, 3, kl_masks, **noise)):
+        h = torch.randn(10, D, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out, kl = call(h)
+        grads = torch.autograd.grad((out * out).sum() + kl["visual"] + 2 * kl["text"], [h, *bottleneck.parameters()])
+        results.append([out, kl["visual"], kl["text"], *grads])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+    with pytest.raises(TypeError, match="kl_mask"):
+        bottleneck(torch.randn(10, D), "both", order, torch.ones(10, dtype=torch.bool), **noise)
