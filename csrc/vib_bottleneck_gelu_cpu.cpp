@@ -10,18 +10,18 @@
 #include "vib_bottleneck.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VITTLE_GELU_AVX512 1
+#if defined(VITTLE_CPU_AVX512)
 #include "vib_sample_kl_cpu_avx512.h"
 #endif
 
 namespace vittle_fast {
 namespace {
 
-#if defined(VITTLE_GELU_AVX512)
+#if defined(VITTLE_CPU_AVX512)
 using namespace ::vittle_fast::avx512;
 
 constexpr int64_t kElementsPerTask = 1 << 15;
@@ -85,22 +85,18 @@ VITTLE_AVX512 void gelu_elements(int64_t begin, int64_t end, const scalar_t* x, 
 
 template <bool kBackward>
 void gelu_avx512(const at::Tensor& x, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "vittle_fast_gelu_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "the AVX-512 GELU takes float32, bfloat16 or float16");
-    } else {
-      const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-      scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, x.numel(), kElementsPerTask, [&](int64_t begin, int64_t end) {
-        gelu_elements<scalar_t, kBackward>(begin, end, x_data, out_data);
-      });
-    }
-  });
+  AT_DISPATCH_V2(x.scalar_type(), "vittle_fast_gelu_cpu", AT_WRAP([&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kElementsPerTask, [&](int64_t begin, int64_t end) {
+      gelu_elements<scalar_t, kBackward>(begin, end, x_data, out_data);
+    });
+  }), at::kFloat, at::kBFloat16, at::kHalf);
 }
 #endif
 
 bool use_gelu_avx512(const at::Tensor& x) {
-#if defined(VITTLE_GELU_AVX512)
+#if defined(VITTLE_CPU_AVX512)
   return !x.is_cuda() && x.scalar_type() != at::kDouble && cpu_avx512_enabled();
 #else
   (void)x;
@@ -111,7 +107,7 @@ bool use_gelu_avx512(const at::Tensor& x) {
 }  // namespace
 
 at::Tensor gelu_rows(const at::Tensor& x) {
-#if defined(VITTLE_GELU_AVX512)
+#if defined(VITTLE_CPU_AVX512)
   if (use_gelu_avx512(x)) {
     at::Tensor out = at::empty_like(x);
     gelu_avx512<false>(x.contiguous(), out);
@@ -122,7 +118,7 @@ at::Tensor gelu_rows(const at::Tensor& x) {
 }
 
 void gelu_rows_backward_(at::Tensor& grad, const at::Tensor& x) {
-#if defined(VITTLE_GELU_AVX512)
+#if defined(VITTLE_CPU_AVX512)
   if (use_gelu_avx512(x) && grad.is_contiguous()) {
     gelu_avx512<true>(x.contiguous(), grad);
     return;

@@ -32,6 +32,12 @@ inline OptionalTensor prior_or_none(const at::Tensor& prior) {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// x86-64 with GCC / Clang: the CPU kernels compile their AVX-512 loops (which run only where the CPU
+// has AVX-512, see cpu_avx512_enabled); they include vib_sample_kl_cpu_avx512.h under this switch.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define VITTLE_CPU_AVX512 1
+#endif
+
 // True when the CPU kernels may use their AVX-512 loops: the CPU has AVX-512 F/BW/DQ/VL and
 // VITTLE_FAST_CPU_AVX512=0 is not set (the switch lets tests compare them with the portable paths).
 bool cpu_avx512_enabled();

@@ -22,8 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VITTLE_CPU_AVX512 1
+#if defined(VITTLE_CPU_AVX512)
 #include "vib_sample_kl_cpu_avx512.h"
 #endif
 
@@ -230,8 +229,7 @@ VITTLE_CPU_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* 
 // prior_partial ([2, D]: d/dmu_p then d/dlv_p).
 template <typename scalar_t, bool kSample, bool kLearnablePrior>
 VITTLE_CPU_CLONES void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, RowMap g_rows,
-                   const float* grad_kl,
-                   const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h, scalar_t* grad_stats,
+                   const float* grad_kl, const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h, scalar_t* grad_stats,
                    float* prior_partial, const FusedCall& call, RowScratch& scratch) {
   const int64_t d = call.dim;
   OpScalars scalars = call.scalars;  // a local copy: provably not aliased by the output stores
@@ -318,8 +316,7 @@ VITTLE_AVX512 void forward_rows(int64_t begin, int64_t end, const scalar_t* h, c
 // backward_rows of the portable path, 64 columns per step.
 template <typename scalar_t, bool kSample, bool kLearnable>
 VITTLE_AVX512 void backward_rows(int64_t begin, int64_t end, const scalar_t* grad_z_hat, RowMap g_rows,
-                                 const float* grad_kl,
-                                 const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h,
+                                 const float* grad_kl, const scalar_t* stats, const PriorColumns::View priors, scalar_t* grad_h,
                                  scalar_t* grad_stats, float* prior_partial, const FusedCall& call, float* normals) {
   const int64_t d = call.dim;
   const OpScalars s = call.scalars;
@@ -452,8 +449,8 @@ BackwardResult backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& grad
               }
             }
 #endif
-            backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, g_rows, gkl, st, priors.view(), gh, gs,
-                                                         chunk_partial, call, scratch);
+            backward_rows<scalar_t, kSample, kLearnable>(row_begin, row_end, g, g_rows, gkl, st, priors.view(), gh,
+                                                         gs, chunk_partial, call, scratch);
           }
         });
       });
